@@ -1,0 +1,56 @@
+# One command each, enough on a fresh Linux machine that reaches the package registries:
+#   make run    set up, fetch the versioned dataset, `dvc repro` the study
+#   make quick  set up and run the whole pipeline on a 2-core CPU (params.quick.yaml)
+#   make test   set up and run the tests
+#   make bench  set up and print the performance table (bench/)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# A pip constraint file on some machines caps torch below the locked release; the lock decides.
+export PIP_CONSTRAINT :=
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: setup system-deps venv data run quick test bench clean-quick lock
+
+setup: venv system-deps
+
+$(STAMP): requirements.lock pyproject.toml
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is needed"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Fashion-MNIST from Debian, where apt is available; elsewhere `data fetch` downloads it.
+system-deps:
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+
+data: setup
+	transfer-study data fetch
+	dvc status data.dvc
+
+run: data
+	dvc repro
+
+quick: data
+	dvc repro split
+	transfer-study --params params.quick.yaml pipeline --skip-data
+
+test: setup
+	$(BIN)/python -m pytest -m "slow or not slow" -q
+
+bench: setup data
+	$(BIN)/python bench/run.py
+
+clean-quick:
+	rm -rf outputs/quick
+
+lock: venv
+	$(BIN)/python scripts/lock.py

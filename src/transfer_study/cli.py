@@ -1,0 +1,208 @@
+"""`transfer-study`: one thin command per pipeline stage; the logic lives in the stage modules."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from . import config
+from .config import UserError
+
+
+def _params(ctx: click.Context) -> config.Params:
+    """Params, read once on first use (commands such as `predict` need none)."""
+    obj = ctx.find_root().obj
+    if "params" not in obj:
+        obj["params"] = config.load_params(obj["params_path"])
+    return obj["params"]
+
+
+def _root() -> Path:
+    return config.project_root()
+
+
+@click.group()
+@click.option("--params", "params_path", default="params.yaml", show_default=True,
+              type=click.Path(dir_okay=False), help="Params file (e.g. params.quick.yaml for the quick profile).")
+@click.pass_context
+def cli(ctx: click.Context, params_path: str) -> None:
+    """Train a CNN from scratch or transfer an ImageNet-pretrained one? The study's pipeline."""
+    ctx.ensure_object(dict)
+    ctx.obj["params_path"] = params_path
+
+
+@cli.group()
+def data() -> None:
+    """The raw dataset: fetch the default one, validate any."""
+
+
+@data.command("fetch")
+@click.option("--dest", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder (default: paths.raw).")
+@click.option("--source", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder holding Fashion-MNIST's idx files (default: Debian's, then upstream).")
+@click.pass_context
+def data_fetch(ctx: click.Context, dest: Path | None, source: Path | None) -> None:
+    """Write the default dataset (Fashion-MNIST's six garment classes) to data/raw/<class>/."""
+    from .data import fetch_dataset
+
+    params = _params(ctx)
+    summary = fetch_dataset(dest or Path(params.paths.raw), params.data, source or _opt_path(params.data.source))
+    click.echo(f"fetched {summary}")
+
+
+@data.command("validate")
+@click.option("--strict", is_flag=True, help="Treat warnings as errors.")
+@click.pass_context
+def data_validate(ctx: click.Context, strict: bool) -> None:
+    """Check data/raw before anything trains; write the summary metric (paths.validation)."""
+    from .data import validate_and_report
+
+    params = _params(ctx)
+    validate_and_report(Path(params.paths.raw), Path(params.paths.validation), params.validate, strict=strict)
+
+
+@cli.command()
+@click.pass_context
+def preprocess(ctx: click.Context) -> None:
+    """Crop every raw image to its garment and store it square, as RGB (paths.cropped)."""
+    from .preprocess import preprocess_dataset
+
+    params = _params(ctx)
+    preprocess_dataset(Path(params.paths.raw), Path(params.paths.cropped), params.preprocess)
+
+
+@cli.command()
+@click.pass_context
+def split(ctx: click.Context) -> None:
+    """Write the stratified train/val/test manifest (paths.manifest)."""
+    from .split import write_manifest
+
+    params = _params(ctx)
+    write_manifest(Path(params.paths.cropped), Path(params.paths.manifest), params.split)
+
+
+@cli.group()
+def weights() -> None:
+    """ImageNet weights for the pretrained conditions."""
+
+
+@weights.command("fetch")
+@click.pass_context
+def weights_fetch(ctx: click.Context) -> None:
+    """Download (or find) every weights file the params need, before training."""
+    from .models import fetch_weights
+
+    t = _params(ctx).train
+    if not any(c != "scratch" for c in t.conditions):
+        click.echo("no pretrained condition in train.conditions; nothing to fetch")
+        return
+    for path in fetch_weights(list(t.architectures), Path(t.weights_dir) if t.weights_dir else None):
+        click.echo(f"ok {path}")
+
+
+@cli.command()
+@click.option("--arch", default=None, help="One architecture of train.architectures (default: all).")
+@click.option("--condition", default=None, help="One condition of train.conditions (default: all).")
+@click.pass_context
+def train(ctx: click.Context, arch: str | None, condition: str | None) -> None:
+    """Train the cells (architecture × condition × seed); one MLflow run each."""
+    from .train import cells_for, train_cell
+
+    params = _params(ctx)
+    cells = cells_for(params, arch, condition)
+    if not cells:
+        click.echo(f"{arch}-{condition} is listed in train.exclude; nothing to train")
+    for cell in cells:
+        train_cell(params, cell, _root(), config.tracking_uri())
+
+
+@cli.command()
+@click.pass_context
+def evaluate(ctx: click.Context) -> None:
+    """Metrics on train/val/test for every run, logged to MLflow and written for DVC."""
+    from .evaluate import evaluate_runs
+
+    params = _params(ctx)
+    out = Path(params.paths.outputs)
+    evaluate_runs(out / "models", out / "evaluation", params.evaluate, config.tracking_uri())
+
+
+@cli.command()
+@click.pass_context
+def report(ctx: click.Context) -> None:
+    """Table 1, Figure 1, paired tests and the side-by-side with the study (reports/)."""
+    from .report import write_report
+
+    params = _params(ctx)
+    out = Path(params.paths.outputs)
+    write_report(out / "evaluation", out / "models", out / "reports", Path("references/study_table1.csv"),
+                 params.evaluate)
+
+
+@cli.command()
+@click.pass_context
+def register(ctx: click.Context) -> None:
+    """Register every run's model and move @champion to the best on validation macro-F1."""
+    from .registry import promote_champion
+
+    params = _params(ctx)
+    out = Path(params.paths.outputs)
+    summary = promote_champion(out / "evaluation" / "runs.csv", params.tracking.registered_model,
+                               config.tracking_uri(), out / "registry" / "champion.json")
+    click.echo(f"champion: {summary}")
+
+
+@cli.command()
+@click.option("--skip-data", is_flag=True,
+              help="Start at training, on the crops and manifest `dvc repro split` built.")
+@click.pass_context
+def pipeline(ctx: click.Context, skip_data: bool) -> None:
+    """Every stage in order, in this process (the quick profile and MLproject's main)."""
+    params = _params(ctx)
+    stages = [train, evaluate, report, register]
+    if not skip_data:
+        raw = Path(params.paths.raw)
+        if not (raw.is_dir() and any(raw.iterdir())):
+            ctx.invoke(data_fetch)
+        stages = [data_validate, preprocess, split] + stages
+    for command in stages:
+        click.echo(f"== {command.name} ==", err=True)
+        ctx.invoke(command)
+
+
+@cli.command()
+@click.option("--url", default="http://127.0.0.1:5000", show_default=True, help="The model server.")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def predict(url: str, images: tuple[Path, ...]) -> None:
+    """Classify IMAGES with a running `mlflow models serve`."""
+    from .serve import predict_images
+
+    click.echo(predict_images(url, list(images)).to_string(index=False))
+
+
+def _opt_path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def main() -> None:
+    """Entry point: bad input ends with one clear line and exit status 1, never a traceback."""
+    try:
+        cli(standalone_mode=False)
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()
