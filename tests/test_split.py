@@ -1,0 +1,173 @@
+"""Tests for split.py: the stratified, hash-grouped split and the manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from transfer_study.config import SplitParams, UserError
+from transfer_study.split import EXCLUDED, split_sizes, stratified_split, write_manifest
+
+PARAMS = SplitParams()
+
+
+def make_items(counts: dict[str, int]) -> pd.DataFrame:
+    """Rows path, label, sha256 with `count` distinct contents per label."""
+    rows = [
+        {"path": f"crops/{label}/{i}.png", "label": label, "sha256": hashlib.sha256(f"{label}{i}".encode()).hexdigest()}
+        for label, count in counts.items()
+        for i in range(count)
+    ]
+    return pd.DataFrame(rows)
+
+
+def split_of(frame: pd.DataFrame) -> dict[str, str]:
+    return dict(zip(frame["path"], frame["split"]))
+
+
+def test_split_is_stratified_within_one_image_of_the_ratios():
+    counts = {"coat": 20, "dress": 33, "shirt": 7, "trouser": 300}
+    result = stratified_split(make_items(counts), PARAMS)
+    table = pd.crosstab(result["label"], result["split"])
+    for label, n in counts.items():
+        for split in ("train", "val", "test"):
+            expected = n * getattr(PARAMS, split)
+            assert abs(table.loc[label, split] - expected) <= 1, (label, split, table.loc[label, split], expected)
+    assert set(result["split"]) == {"train", "val", "test"}
+
+
+def test_split_sizes_always_give_each_split_an_image():
+    for params in (PARAMS, SplitParams(train=0.1, val=0.45, test=0.45), SplitParams(train=0.98, val=0.01, test=0.01)):
+        for n in range(3, 120):
+            sizes = split_sizes(n, params)
+            assert sum(sizes.values()) == n
+            assert min(sizes.values()) >= 1, (n, params, sizes)
+    # Once rounding alone gives val and test an image (n >= 4 at 15 %), each split is within one image of its ratio.
+    for n in range(4, 120):
+        sizes = split_sizes(n, PARAMS)
+        assert all(abs(sizes[s] - n * getattr(PARAMS, s)) <= 1 for s in sizes), (n, sizes)
+
+
+def test_three_images_give_one_per_split():
+    result = stratified_split(make_items({"a": 3, "b": 3}), PARAMS)
+    assert sorted(result[result["label"] == "a"]["split"]) == ["test", "train", "val"]
+
+
+def test_split_is_deterministic_and_independent_of_row_order():
+    items = make_items({"a": 40, "b": 25})
+    first = stratified_split(items, PARAMS)
+    shuffled = items.sample(frac=1, random_state=7).reset_index(drop=True)
+    assert split_of(stratified_split(items, PARAMS)) == split_of(first)
+    assert split_of(stratified_split(shuffled, PARAMS)) == split_of(first)
+    assert list(first["path"]) == list(items["path"])  # input order kept
+    assert "split" not in items.columns  # the input is not modified
+
+
+def test_a_different_seed_changes_the_split():
+    items = make_items({"a": 40, "b": 25})
+    assert split_of(stratified_split(items, SplitParams(seed=0))) != split_of(stratified_split(items, SplitParams(seed=1)))
+
+
+def test_identical_contents_share_a_split():
+    items = make_items({"a": 30, "b": 30})
+    copies = items[items["label"] == "a"].head(10).assign(path=lambda f: f["path"] + ".copy.png")
+    result = stratified_split(pd.concat([items, copies], ignore_index=True), PARAMS)
+    splits_per_hash = result.groupby("sha256")["split"].nunique()
+    assert (splits_per_hash == 1).all()
+    assert len(result) == 70 and EXCLUDED not in set(result["split"])
+
+
+def test_content_under_two_labels_is_excluded():
+    items = make_items({"a": 10, "b": 10})
+    clash = items.iloc[0]["sha256"]
+    items = pd.concat([items, pd.DataFrame([{"path": "crops/b/clash.png", "label": "b", "sha256": clash}])])
+    result = stratified_split(items, PARAMS)
+    excluded = result[result["split"] == EXCLUDED]
+    assert sorted(excluded["path"]) == ["crops/a/0.png", "crops/b/clash.png"]
+    assert (result[result["sha256"] != clash]["split"] != EXCLUDED).all()
+
+
+@pytest.mark.parametrize("copies", [0, 3])
+def test_a_class_with_fewer_than_three_distinct_images_is_an_error(copies):
+    items = make_items({"a": 10, "tiny": 2})
+    # Extra copies of the same content do not make a class big enough.
+    first_tiny = items[items["label"] == "tiny"].iloc[0]
+    extra = pd.DataFrame([{**first_tiny, "path": f"crops/tiny/copy{i}.png"} for i in range(copies)])
+    with pytest.raises(UserError, match="'tiny' has 2 distinct"):
+        stratified_split(pd.concat([items, extra], ignore_index=True), PARAMS)
+
+
+# --------------------------------------------------------------------------------------------
+# write_manifest
+# --------------------------------------------------------------------------------------------
+
+
+def make_crops(root, counts: dict[str, int]) -> None:
+    for label, count in counts.items():
+        (root / label).mkdir(parents=True)
+        for i in range(count):
+            value = len(label) * 10 + i
+            Image.new("RGB", (8, 8), (value, i, 0)).save(root / label / f"{i:03d}.png")
+
+
+def test_write_manifest_writes_sorted_relative_rows(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cropped = tmp_path / "data" / "cropped"
+    make_crops(cropped, {"shirt": 12, "coat": 9})
+    shutil.copy(cropped / "coat" / "000.png", cropped / "coat" / "dup.png")
+    (cropped / "coat" / ".hidden.png").write_bytes(b"ignored")
+    manifest = tmp_path / "data" / "split" / "manifest.csv"
+    returned = write_manifest(cropped.relative_to(tmp_path), manifest, PARAMS)
+    written = pd.read_csv(manifest)
+    assert list(written.columns) == ["path", "label", "split", "sha256"]
+    assert len(written) == 22
+    assert written["path"].iloc[0] == "data/cropped/coat/000.png"
+    assert list(written["path"]) == sorted(written["path"], key=lambda p: (p.split("/")[2], p))
+    for row in written.itertuples():
+        assert hashlib.sha256((tmp_path / row.path).read_bytes()).hexdigest() == row.sha256
+    assert written.groupby("sha256")["split"].nunique().max() == 1
+    assert returned["path"].tolist() == written["path"].tolist()
+    printed = capsys.readouterr().out
+    assert "coat" in printed and "shirt" in printed and "train" in printed
+
+
+def test_write_manifest_leaves_out_and_lists_cross_label_copies(tmp_path, capsys):
+    make_crops(tmp_path / "crops", {"shirt": 5, "coat": 5})
+    shutil.copy(tmp_path / "crops" / "coat" / "000.png", tmp_path / "crops" / "shirt" / "stray.png")
+    manifest = tmp_path / "manifest.csv"
+    write_manifest(tmp_path / "crops", manifest, PARAMS)
+    paths = set(pd.read_csv(manifest)["path"])
+    assert not any(p.endswith(("coat/000.png", "shirt/stray.png")) for p in paths)
+    assert len(paths) == 9
+    assert "stray.png" in capsys.readouterr().out
+
+
+def test_write_manifest_is_deterministic(tmp_path):
+    make_crops(tmp_path / "crops", {"a": 10, "b": 10})
+    write_manifest(tmp_path / "crops", tmp_path / "m1.csv", PARAMS)
+    write_manifest(tmp_path / "crops", tmp_path / "m2.csv", PARAMS)
+    assert (tmp_path / "m1.csv").read_bytes() == (tmp_path / "m2.csv").read_bytes()
+
+
+@pytest.mark.parametrize("setup", ["missing", "empty", "empty_class"])
+def test_write_manifest_without_crops_says_to_run_preprocess(tmp_path, setup):
+    cropped = tmp_path / "cropped"
+    if setup != "missing":
+        cropped.mkdir()
+    if setup == "empty_class":
+        make_crops(cropped, {"a": 5})
+        (cropped / "b").mkdir()
+    with pytest.raises(UserError, match="dvc repro preprocess"):
+        write_manifest(cropped, tmp_path / "manifest.csv", PARAMS)
+    assert not (tmp_path / "manifest.csv").exists()
+
+
+def test_split_frame_assignment_covers_every_row():
+    result = stratified_split(make_items({"a": 7, "b": 9}), PARAMS)
+    assert result["split"].notna().all()
+    assert np.isin(result["split"], ["train", "val", "test"]).all()
