@@ -1,0 +1,128 @@
+"""Shared fixtures: small real data, temporary MLflow stores, a pre-filled TORCH_HOME."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def read_fmnist(count: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    """The first `count` Fashion-MNIST training images (N, 28, 28) and labels, from Debian's files."""
+    images_gz, labels_gz = FMNIST_DIR / "train-images-idx3-ubyte.gz", FMNIST_DIR / "train-labels-idx1-ubyte.gz"
+    if not images_gz.is_file():
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    with gzip.open(images_gz) as f:
+        images = np.frombuffer(f.read(16 + count * 784), dtype=np.uint8)[16:].reshape(count, 28, 28)
+    with gzip.open(labels_gz) as f:
+        labels = np.frombuffer(f.read(8 + count), dtype=np.uint8)[8:]
+    return images, labels
+
+
+def make_split_project(root: Path, per_class: int = 6, size: int = 80, classes=("coat", "shirt", "trouser")) -> Path:
+    """A project folder with data/cropped/<class>/*.png (RGB, `size` px, real Fashion-MNIST
+    garments) and a stratified manifest; returns the manifest path."""
+    label_of = {"t-shirt_top": 0, "trouser": 1, "pullover": 2, "dress": 3, "coat": 4, "shirt": 6}
+    images, labels = read_fmnist()
+    rows = []
+    for name in classes:
+        idx = np.flatnonzero(labels == label_of[name])[:per_class]
+        folder = root / "data" / "cropped" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for n, i in enumerate(idx):
+            path = folder / f"img{n:03d}.png"
+            Image.fromarray(images[i]).convert("RGB").resize((size, size), Image.Resampling.BILINEAR).save(path)
+            split = "train" if n < per_class - 2 else ("val" if n == per_class - 2 else "test")
+            rows.append({"path": path.relative_to(root).as_posix(), "label": name, "split": split,
+                         "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    manifest = root / "data" / "split" / "manifest.csv"
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    return manifest
+
+
+@pytest.fixture(autouse=True)
+def restore_tracking_uri():
+    """mlflow.set_tracking_uri sets a process-wide URI and MLFLOW_TRACKING_URI; undo it after each test."""
+    import mlflow
+
+    original = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    mlflow.set_tracking_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    if original is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = original
+
+
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory) -> Path:
+    """An initialised MLflow SQLite store, made once: creating the tables takes seconds."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def tracking_uri(tmp_path: Path, monkeypatch, empty_mlflow_db: Path) -> str:
+    """A fresh SQLite tracking store for one test (a copy of the initialised template)."""
+    path = tmp_path / "mlflow.db"
+    shutil.copy(empty_mlflow_db, path)
+    uri = f"sqlite:///{path}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def torch_home(tmp_path_factory) -> Path:
+    """A TORCH_HOME pre-filled with state_dicts under torchvision's file names, so the real
+    cache-lookup path loads them (no internet needed). The weights are random but fixed."""
+    import torch
+    import torchvision
+
+    from transfer_study import models
+
+    home = tmp_path_factory.mktemp("torch_home")
+    checkpoints = home / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.manual_seed(1234)
+    for arch in ("resnet18", "vgg19", "inception_v3"):
+        kwargs = {"aux_logits": True, "init_weights": False} if arch == "inception_v3" else {}
+        net = torchvision.models.get_model(arch, weights=None, **kwargs)
+        torch.save(net.state_dict(), checkpoints / models.weights_file(arch))
+        del net
+    return home
+
+
+@pytest.fixture
+def use_torch_home(torch_home: Path, monkeypatch) -> Path:
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    return torch_home
+
+
+def tiny_params(base=None, **train_overrides):
+    """Params for fast tests: 1 epoch, small images, few batches."""
+    from transfer_study.config import Params, PreprocessParams, TrainParams
+
+    base = base or Params()
+    sizes = {"resnet18": 32, "vgg19": 32, "inception_v3": 75, "efficientnet_lite0": 32}
+    train = dataclasses.replace(
+        TrainParams(), epochs=1, batch_size=4, image_size=sizes, num_workers=0, seeds=(0,),
+        architectures=("resnet18", "vgg19", "inception_v3", "efficientnet_lite0"),
+        conditions=("scratch", "frozen", "finetune"),
+    )
+    train = dataclasses.replace(train, **train_overrides)
+    return dataclasses.replace(base, train=train, preprocess=dataclasses.replace(PreprocessParams(), size=80),
+                               paths=dataclasses.replace(base.paths, outputs="out"))

@@ -1,0 +1,187 @@
+"""The servable pyfunc, in process and behind a real `mlflow models serve` process."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from conftest import tiny_params
+from PIL import Image, ImageDraw
+
+from transfer_study import serve
+from transfer_study.train import Cell, train_cell
+
+COLOURS = {"blue": (30, 60, 200), "red": (210, 30, 30)}
+
+
+def _garment(colour: str, jitter: int) -> Image.Image:
+    """A coloured blob on a white background: trivially separable classes."""
+    img = Image.new("RGB", (96, 96), "white")
+    draw = ImageDraw.Draw(img)
+    offset = 10 + 3 * jitter
+    draw.rectangle([offset, offset + 5, offset + 50, offset + 60], fill=COLOURS[colour])
+    return img
+
+
+def _make_colour_project(root: Path, per_class: int = 8) -> None:
+    rows = []
+    for name in COLOURS:
+        folder = root / "data" / "cropped" / name
+        folder.mkdir(parents=True)
+        for n in range(per_class):
+            path = folder / f"{name}{n}.png"
+            _garment(name, n).resize((80, 80)).save(path)
+            split = "train" if n < per_class - 2 else ("val" if n == per_class - 2 else "test")
+            rows.append({"path": path.relative_to(root).as_posix(), "label": name, "split": split,
+                         "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    (root / "data" / "split").mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(root / "data" / "split" / "manifest.csv", index=False)
+
+
+def _png_b64(img: Image.Image) -> str:
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def trained_model(tmp_path_factory, empty_mlflow_db) -> tuple[str, str]:
+    """Train Lite0 (frozen, real ImageNet weights) on the colour classes; register it @champion."""
+    root = tmp_path_factory.mktemp("serve_project")
+    _make_colour_project(root)
+    shutil.copy(empty_mlflow_db, root / "mlflow.db")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    params = tiny_params(epochs=4, lr=3e-3, batch_size=6)
+    run_dir = train_cell(params, Cell("efficientnet_lite0", "frozen", 0), root, uri)
+    info = json.loads((run_dir / "run.json").read_text())
+    mlflow.set_tracking_uri(uri)
+    version = mlflow.register_model(info["model_uri"], "colour-classifier")
+    mlflow.MlflowClient(uri).set_registered_model_alias("colour-classifier", "champion", version.version)
+    return uri, info["model_uri"]
+
+
+def test_pyfunc_classifies_raw_images_in_process(trained_model):
+    uri, model_uri = trained_model
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model(model_uri)
+    answer = model.predict(pd.DataFrame({"image": [_png_b64(_garment("red", 1)), _png_b64(_garment("blue", 2))]}))
+    assert list(answer["label"]) == ["red", "blue"]
+    assert set(answer.columns) == {"label", "prob_blue", "prob_red"}
+
+
+def test_bad_inputs_raise_a_clear_error_in_process(trained_model):
+    from mlflow.exceptions import MlflowException
+
+    uri, model_uri = trained_model
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model(model_uri)
+    with pytest.raises(MlflowException, match="not valid base64"):
+        model.predict(pd.DataFrame({"image": ["%%% not base64 %%%"]}))
+    with pytest.raises(MlflowException, match="image"):
+        model.predict(pd.DataFrame({"image": [base64.b64encode(b"plain text, not an image").decode()]}))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def server(trained_model, tmp_path_factory):
+    uri, _ = trained_model
+    port = _free_port()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri)
+    log = (tmp_path_factory.mktemp("serve_log") / "server.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/colour-classifier@champion",
+         "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"mlflow models serve exited early; see {log.name}")
+        try:
+            with urllib.request.urlopen(base + "/ping", timeout=2):
+                break
+        except OSError:
+            time.sleep(1)
+    else:
+        process.kill()
+        pytest.fail("mlflow models serve did not answer /ping within 180 s")
+    yield base
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def _good_request() -> bytes:
+    return json.dumps({"dataframe_split": {"columns": ["image"], "data": [[_png_b64(_garment("red", 2))]]}}).encode()
+
+
+@pytest.mark.slow
+def test_real_server_answers_and_survives_bad_requests(server, tmp_path):
+    invocations = server + "/invocations"
+    status, answer = _post(invocations, _good_request())
+    assert status == 200 and answer["predictions"][0]["label"] == "red"
+
+    status, answer = _post(invocations, json.dumps({"inputs": [_png_b64(_garment("blue", 1))]}).encode())
+    assert status == 200 and answer["predictions"][0]["label"] == "blue"
+
+    huge = io.BytesIO()
+    Image.new("L", (7100, 7100)).save(huge, format="PNG")  # 50 megapixels, a few hundred KB compressed
+    bad_requests = {
+        "not base64": {"dataframe_split": {"columns": ["image"], "data": [["@@@ not base64 @@@"]]}},
+        "not an image": {"dataframe_split": {"columns": ["image"],
+                                             "data": [[base64.b64encode(b"hello world").decode()]]}},
+        "wrong column": {"dataframe_split": {"columns": ["picture"], "data": [[_png_b64(_garment("red", 0))]]}},
+        "50 megapixels": {"inputs": [base64.b64encode(huge.getvalue()).decode()]},
+    }
+    for name, body in bad_requests.items():
+        status, answer = _post(invocations, json.dumps(body).encode())
+        assert 400 <= status < 500, f"{name}: status {status}"
+        assert "Traceback" not in json.dumps(answer), f"{name}: traceback in the answer"
+        assert answer.get("message"), f"{name}: no message"
+    status, _ = _post(invocations, b"")
+    assert 400 <= status < 500, f"empty body: status {status}"
+
+    status, answer = _post(invocations, _good_request())
+    assert status == 200 and answer["predictions"][0]["label"] == "red", "the server stopped serving"
+
+    image = tmp_path / "red.png"
+    _garment("red", 3).save(image)
+    frame = serve.predict_images(server, [image])
+    assert frame["label"].tolist() == ["red"]
+
+
+def test_predict_client_reports_an_unreachable_server(tmp_path):
+    from transfer_study.config import UserError
+
+    image = tmp_path / "x.png"
+    _garment("red", 0).save(image)
+    with pytest.raises(UserError, match="cannot reach"):
+        serve.predict_images(f"http://127.0.0.1:{_free_port()}", [image], timeout=5)

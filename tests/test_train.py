@@ -1,0 +1,197 @@
+"""Training: every architecture × condition end to end, the frozen backbone, weights, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import make_split_project, tiny_params
+from mlflow.tracking import MlflowClient
+
+from transfer_study import models, train
+from transfer_study.config import UserError
+from transfer_study.train import Cell, train_cell
+
+FAST_ARCHS = ("resnet18", "efficientnet_lite0")
+SLOW_ARCHS = ("vgg19", "inception_v3")
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    make_split_project(tmp_path)
+    return tmp_path
+
+
+def _run_cell(project: Path, tracking_uri: str, arch: str, condition: str, **overrides):
+    params = tiny_params(**overrides)
+    run_dir = train_cell(params, Cell(arch, condition, 0), project, tracking_uri)
+    return params, run_dir
+
+
+def _check_run(project: Path, tracking_uri: str, run_dir: Path, arch: str, condition: str) -> None:
+    info = json.loads((run_dir / "run.json").read_text())
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(info["run_id"])
+    assert run.info.run_name == f"{arch}-{condition}-s0"
+    assert run.data.tags["architecture"] == arch and run.data.tags["condition"] == condition
+    assert run.data.tags["seed"] == "0" and "git_commit" in run.data.tags and "device" in run.data.tags
+    assert "dataset_md5" in run.data.tags
+    assert run.data.params["train.lr"] == "0.0001" and run.data.params["cell.architecture"] == arch
+    assert run.data.params["train.epochs"] == "1"
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        assert key in run.data.metrics
+    history = client.get_metric_history(info["run_id"], "val_acc")
+    assert [m.step for m in history] == [1]
+    predictions = pd.read_csv(run_dir / "predictions.csv")
+    assert len(predictions) == 18 and {"prob_0", "prob_1", "prob_2"} <= set(predictions.columns)
+    np.testing.assert_allclose(predictions[["prob_0", "prob_1", "prob_2"]].sum(axis=1), 1.0, atol=1e-4)
+    model = mlflow.pyfunc.load_model(info["model_uri"])
+    sample = project / predictions["path"][0]
+    from transfer_study.serve import encode_file
+
+    answer = model.predict(pd.DataFrame({"image": [encode_file(sample)]}))
+    assert answer["label"][0] in info["class_names"]
+    assert abs(answer.filter(like="prob_").iloc[0].sum() - 1.0) < 1e-4
+
+
+@pytest.mark.parametrize("condition", ["scratch", "frozen", "finetune"])
+@pytest.mark.parametrize("arch", FAST_ARCHS)
+def test_every_fast_cell_trains_and_logs(project, tracking_uri, use_torch_home, arch, condition):
+    _, run_dir = _run_cell(project, tracking_uri, arch, condition)
+    _check_run(project, tracking_uri, run_dir, arch, condition)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("condition", ["scratch", "frozen", "finetune"])
+@pytest.mark.parametrize("arch", SLOW_ARCHS)
+def test_every_slow_cell_trains_and_logs(project, tracking_uri, use_torch_home, arch, condition):
+    # Inception's aux classifier needs 299 px; at the tests' 75 px it is off (its path is tested below).
+    _, run_dir = _run_cell(project, tracking_uri, arch, condition, max_batches_per_epoch=1, aux_logits=False)
+    _check_run(project, tracking_uri, run_dir, arch, condition)
+
+
+def test_frozen_backbone_is_bit_identical_after_training(project, tracking_uri):
+    params = tiny_params(epochs=2)
+    trainer = train.Trainer(params, Cell("efficientnet_lite0", "frozen", 0), 3, torch.device("cpu"))
+    before = {k: v.clone() for k, v in trainer.model.backbone.state_dict().items()}
+    head_before = trainer.model.head.weight.detach().clone()
+    assert all(p.requires_grad for p in trainer.model.head.parameters())
+    optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in trainer.model.head.parameters()}
+    data = train.TrainingData(pd.read_csv(project / "data/split/manifest.csv"), project, 32, project / "cache")
+    loader = train.imagestore.batch_loader(data.source(data.rows("train")), 4, True, 0, 0, False)
+    for _ in range(2):
+        trainer.train_epoch(loader, None)
+    after = trainer.model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "frozen backbone changed"
+    assert not torch.equal(head_before, trainer.model.head.weight), "the head did not train"
+
+
+def test_scratch_does_not_start_from_pretrained(use_torch_home):
+    saved = torch.load(use_torch_home / "hub/checkpoints" / models.weights_file("resnet18"), weights_only=True)
+    scratch = models.build_model("resnet18", 3, pretrained=False)
+    pretrained = models.build_model("resnet18", 3, pretrained=True)
+    conv_scratch = scratch.backbone.conv1.weight
+    conv_pretrained = pretrained.backbone.conv1.weight
+    assert torch.equal(conv_pretrained, saved["conv1.weight"])
+    assert not torch.equal(conv_scratch, saved["conv1.weight"])
+
+
+def test_inception_trains_with_aux_loss_and_evaluates_on_main_output(use_torch_home):
+    net = models.build_model("inception_v3", 3, pretrained=False, aux_logits=True)
+    images, labels = torch.randn(2, 3, 299, 299), torch.tensor([0, 2])
+    net.train()
+    outputs = net(images)
+    assert isinstance(outputs, tuple) and outputs[0].shape == outputs[1].shape == (2, 3)
+    loss, logits = train.loss_of(outputs, labels, 0.4)
+    expected = torch.nn.functional.cross_entropy(outputs[0], labels) + 0.4 * torch.nn.functional.cross_entropy(
+        outputs[1], labels)
+    assert torch.allclose(loss, expected) and logits is outputs[0]
+    net.eval()
+    assert net(images).shape == (2, 3)
+
+
+def test_missing_weights_fail_before_training(project, tracking_uri, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+
+    def no_internet(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_internet)
+    monkeypatch.setattr(train.TrainingData, "__init__", lambda *a, **k: pytest.fail("data was read before weights"))
+    with pytest.raises(UserError) as error:
+        _run_cell(project, tracking_uri, "resnet18", "frozen")
+    assert models.weights_file("resnet18") in str(error.value)
+    assert not (project / "out" / "models").exists()
+    experiment = MlflowClient(tracking_uri).get_experiment_by_name("transfer-study")
+    assert experiment is None or not MlflowClient(tracking_uri).search_runs([experiment.experiment_id])
+
+
+def test_interrupted_run_resumes_the_same_mlflow_run(project, tracking_uri, monkeypatch):
+    original = train.Trainer.train_epoch
+    calls = {"n": 0}
+
+    def interrupt_second_epoch(self, loader, progress):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, loader, progress)
+
+    monkeypatch.setattr(train.Trainer, "train_epoch", interrupt_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        _run_cell(project, tracking_uri, "efficientnet_lite0", "scratch", epochs=3)
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("transfer-study")
+    (first,) = client.search_runs([experiment.experiment_id])
+    assert first.info.status == "KILLED"
+
+    monkeypatch.setattr(train.Trainer, "train_epoch", original)
+    _, run_dir = _run_cell(project, tracking_uri, "efficientnet_lite0", "scratch", epochs=3)
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_id == first.info.run_id
+    assert runs[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(first.info.run_id, "val_acc")] == [1, 2, 3]
+    assert len(pd.read_csv(run_dir / "history.csv")) == 3
+    assert not list((project / "checkpoints").glob("*/resume.pt")), "resume state left after a finished run"
+
+
+def test_corrupt_checkpoint_is_reported_not_loaded(tmp_path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="corrupt"):
+        train.load_checkpoint(bad)
+
+
+def test_cells_for_respects_exclude_and_filters():
+    params = tiny_params(architectures=("efficientnet_lite0", "resnet18"), exclude=("resnet18-frozen",),
+                         conditions=("scratch", "frozen"))
+    names = [c.name for c in train.cells_for(params)]
+    assert names == ["efficientnet_lite0-scratch-s0", "efficientnet_lite0-frozen-s0", "resnet18-scratch-s0"]
+    assert [c.name for c in train.cells_for(params, "resnet18", "frozen")] == []
+    with pytest.raises(UserError):
+        train.cells_for(params, "vgg19")
+
+
+def test_frozen_without_augmentation_trains_the_head_on_cached_features(project, tracking_uri, capsys):
+    from transfer_study.config import AugmentParams
+
+    params = tiny_params(epochs=2, augment=AugmentParams(rotation=0.0, translate=0.0, hflip=False))
+    trainer = train.Trainer(params, Cell("efficientnet_lite0", "frozen", 0), 3, torch.device("cpu"))
+    data = train.TrainingData(pd.read_csv(project / "data/split/manifest.csv"), project, 32, project / "cache")
+    loader = train.imagestore.batch_loader(data.source(data.rows("train")), 4, False, 0, 0, False)
+    features, labels = trainer.cached_features(loader)
+    images, _ = next(iter(loader))
+    with torch.no_grad():
+        direct = trainer.model.forward_features(
+            train.imagestore.normalize(train.imagestore.to_model_input(images, torch.device("cpu"), False)))
+    torch.testing.assert_close(features[: len(direct)], direct)
+    assert labels.tolist() == data.labels[data.rows("train")].tolist()
+
+    run_dir = train_cell(params, Cell("efficientnet_lite0", "frozen", 0), project, tracking_uri)
+    assert "cached features" in capsys.readouterr().err
+    assert len(pd.read_csv(run_dir / "history.csv")) == 2
