@@ -103,3 +103,17 @@ def test_fetch_matches_the_committed_data_dvc(tmp_path):
         _run([str(BIN / "transfer-study"), "data", "fetch"], root, env)
         status = _run([str(BIN / "dvc"), "status", "data.dvc"], root, env)
         assert "up to date" in status.stdout, f"fetch {attempt + 1}: {status.stdout}"
+
+
+@pytest.mark.slow
+def test_mlflow_run_executes_an_mlproject_entry_point(tmp_path):
+    """`mlflow run . -e <entry> --env-manager local` runs a stage through MLproject."""
+    if not FMNIST_DIR.is_dir():
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    root = copy_repo(tmp_path / "repo")
+    _tiny_params(root)
+    env = _env(root) | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'projects.db'}"}
+    for entry in ("fetch", "validate"):
+        _run([str(BIN / "mlflow"), "run", ".", "-e", entry, "--env-manager", "local"], root, env)
+    summary = json.loads((root / "data/validation.json").read_text())
+    assert summary["total_images"] == 36 and summary["passed"] is True
