@@ -53,7 +53,7 @@ class PreprocessParams:
     margin: float = 0.08  # fraction of the box side added around the detected garment
     fit: str = "letterbox"  # letterbox keeps the whole garment; the alternative is "center"
     foreground_threshold: float = 0.1  # fraction of the max distance from the background colour
-    cam_threshold: float = 0.35  # fraction of the CAM's maximum
+    cam_threshold: float = 0.5  # fraction of the CAM's maximum
     cam_input_size: int = 224
 
 
@@ -169,6 +169,12 @@ def _check(params: Params) -> None:
         raise ConfigError(
             f"train.image_size.inception_v3 = {t.image_size['inception_v3']}: Inception V3 needs at least "
             f"{INCEPTION_MIN_SIZE} px (299 is its native size); raise it in params.yaml"
+        )
+    trains_aux = t.aux_logits and any(c != "frozen" for c in t.conditions)
+    if "inception_v3" in t.architectures and trains_aux and t.image_size["inception_v3"] < 299:
+        raise ConfigError(
+            f"train.image_size.inception_v3 = {t.image_size['inception_v3']}: Inception V3's auxiliary "
+            "classifier needs 299 px; raise the size or set train.aux_logits: false"
         )
     if t.checkpoint not in ("best", "last"):
         raise ConfigError(f"train.checkpoint = {t.checkpoint!r}; use 'best' or 'last'")
