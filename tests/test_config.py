@@ -63,3 +63,13 @@ def test_flatten_params_covers_nested_values():
     assert flat["train.augment.rotation"] == "15.0"
     assert flat["train.image_size.inception_v3"] == "299"
     assert flat["train.architectures"] == "resnet18,vgg19,inception_v3"
+
+
+def test_conda_yaml_carries_the_lock_pins():
+    """`mlflow run` without --env-manager local builds conda.yaml: it must match requirements.lock."""
+    lock = {line.strip() for line in (REPO_ROOT / "requirements.lock").read_text().splitlines()
+            if line.strip() and not line.startswith("#")}
+    conda = yaml.safe_load((REPO_ROOT / "conda.yaml").read_text())
+    pip_section = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    assert set(pip_section) == lock
+    assert "torch==2.15.0" in lock and "torchvision==0.29.2" in lock

@@ -10,11 +10,13 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import hashlib
 import io
 import json
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +27,15 @@ from .config import Params, PreprocessParams, UserError
 IMAGE_COLUMN = "image"
 MAX_IMAGE_PIXELS = 40_000_000  # decoded pixels per image; larger requests are refused (bomb guard)
 MAX_IMAGE_BASE64_CHARS = 40_000_000  # about 30 MB of encoded file per image
+MAX_REQUEST_BASE64_CHARS = 64_000_000  # all images of one request together (HTTP body limits are MLflow's)
 
 
 class BadRequest(UserError):
     """A request the model cannot answer; the server turns it into HTTP 400."""
+
+
+class CorruptModel(UserError):
+    """A logged model's files do not match the checksums recorded when it was logged."""
 
 
 def decode_image(value: object, row: int):
@@ -63,12 +70,42 @@ def images_from_request(model_input) -> list:
         raise BadRequest(f"unsupported input of type {type(model_input).__name__}; send a column '{IMAGE_COLUMN}'")
     if not values:
         raise BadRequest("the request holds no images")
+    total = sum(len(v) for v in values if isinstance(v, str))
+    if total > MAX_REQUEST_BASE64_CHARS:
+        raise BadRequest(f"the request's images are {total:,} base64 characters together; the limit is "
+                         f"{MAX_REQUEST_BASE64_CHARS:,}: send fewer images per request")
     return [decode_image(v, i) for i, v in enumerate(values)]
 
 
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_weights(weights: Path, expected: str | None) -> None:
+    """Refuse weights whose SHA-256 differs from the one recorded in config.json at logging time.
+
+    Models logged before checksums were recorded (no `weights_sha256`) load with a warning.
+    """
+    if expected is None:
+        warnings.warn(f"model weights '{weights}' have no recorded checksum and cannot be verified", stacklevel=2)
+        return
+    actual = sha256_of(weights)
+    if actual != expected:
+        raise CorruptModel(f"model artifact '{weights}' is corrupt: checksum mismatch (SHA-256 {actual[:16]}…, "
+                           f"config.json records {expected[:16]}…); log or download the model again")
+
+
 def _pyfunc_base():
+    import warnings
+
     import mlflow.pyfunc
 
+    # The signature is explicit (model_signature); MLflow's hint to add type hints does not apply.
+    warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
     return mlflow.pyfunc.PythonModel
 
 
@@ -81,6 +118,7 @@ class ImageClassifier(_pyfunc_base()):
         from . import models
 
         config = json.loads(Path(context.artifacts["config"]).read_text())
+        verify_weights(Path(context.artifacts["weights"]), config.get("weights_sha256"))
         self.class_names = config["class_names"]
         self.image_size = config["image_size"]
         self.preprocess = PreprocessParams(**config["preprocess"])
@@ -170,7 +208,7 @@ def log_servable_model(model, architecture: str, class_names: list[str], image_s
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "weights.pt"
         torch.save(model.state_dict(), weights)
-        config = Path(tmp) / "config.json"
+        config = Path(tmp) / "config.json"  # records the weights' SHA-256, checked in load_context
         config.write_text(json.dumps({
             "architecture": architecture,
             "class_names": list(class_names),
@@ -178,6 +216,7 @@ def log_servable_model(model, architecture: str, class_names: list[str], image_s
             "aux_logits": bool(getattr(model, "aux_head", None) is not None),
             "preprocess": dataclasses.asdict(params.preprocess),
             "checkpoint": checkpoint.name,
+            "weights_sha256": sha256_of(weights),
         }, indent=2))
         return mlflow.pyfunc.log_model(
             name="model",
