@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import time
 from pathlib import Path
 
 import numpy as np
@@ -215,16 +214,16 @@ def write_fashion_mnist_raw(garments: np.ndarray, raw: Path, count: int) -> None
         Image.fromarray(garments[i]).save(folder / f"{i:05d}.png")
 
 
-@pytest.mark.parametrize("cropper", ["none", "foreground", pytest.param("cam", marks=pytest.mark.slow)])
-def test_preprocess_1800_fashion_mnist_images_speed(garments, tmp_path, cropper):
-    write_fashion_mnist_raw(garments, tmp_path / "raw", 1800)
-    start = time.perf_counter()
+@pytest.mark.parametrize("cropper", ["none", "foreground", "cam"])
+def test_preprocess_writes_every_fashion_mnist_image_as_rgb(garments, tmp_path, cropper):
+    """Each cropper turns real 28x28 grayscale garments into stored RGB squares (timing: bench/)."""
+    write_fashion_mnist_raw(garments, tmp_path / "raw", 36)
     summary = pp.preprocess_dataset(tmp_path / "raw", tmp_path / "out", PreprocessParams(cropper=cropper))
-    seconds = time.perf_counter() - start
-    print(f"\nTIMING preprocess 1800 Fashion-MNIST images, cropper {cropper}: {seconds:.1f} s")
-    assert summary["written"] == 1800
-    if cropper != "cam":
-        assert seconds < 60
+    assert summary["written"] == 36
+    written = sorted((tmp_path / "out").glob("*/*.png"))
+    assert len(written) == 36
+    with Image.open(written[0]) as img:
+        assert img.mode == "RGB" and img.size == (299, 299)
 
 
 # --------------------------------------------------------------------------------------------

@@ -108,15 +108,19 @@ def weights_fetch(ctx: click.Context) -> None:
 @click.option("--condition", default=None, help="One condition of train.conditions (default: all).")
 @click.pass_context
 def train(ctx: click.Context, arch: str | None, condition: str | None) -> None:
-    """Train the cells (architecture × condition × seed); one MLflow run each."""
+    """Train the cells (architecture × condition × seed); one MLflow run each.
+
+    Under `torchrun --nproc_per_node N -m transfer_study.cli train ...` each cell trains with DDP."""
+    from .distributed import process_group
     from .train import cells_for, train_cell
 
     params = _params(ctx)
     cells = cells_for(params, arch, condition)
     if not cells:
         click.echo(f"{arch}-{condition} is listed in train.exclude; nothing to train")
-    for cell in cells:
-        train_cell(params, cell, _root(), config.tracking_uri())
+    with process_group(config.launch_env()) as world:
+        for cell in cells:
+            train_cell(params, cell, _root(), config.tracking_uri(), world)
 
 
 @cli.command()

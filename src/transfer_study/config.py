@@ -240,16 +240,45 @@ def project_root() -> Path:
     return Path.cwd().resolve()
 
 
+@dataclass(frozen=True)
+class LaunchEnv:
+    """This process's place in a `torchrun` launch; one process (rank 0 of 1) when not launched by it."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+
+def launch_env() -> LaunchEnv:
+    """RANK, WORLD_SIZE and LOCAL_RANK as torchrun sets them; defaults for a plain run."""
+    names = {"rank": "RANK", "world_size": "WORLD_SIZE", "local_rank": "LOCAL_RANK"}
+    values = {}
+    for field_name, env_name in names.items():
+        raw = os.environ.get(env_name, "")
+        if not raw:
+            continue
+        if not raw.isdigit():
+            raise ConfigError(f"environment variable {env_name}={raw!r} must be a non-negative integer (torchrun sets it)")
+        values[field_name] = int(raw)
+    env = LaunchEnv(**values)
+    if env.world_size < 1 or env.rank >= env.world_size:
+        raise ConfigError(f"RANK={env.rank} and WORLD_SIZE={env.world_size} do not fit; launch with torchrun")
+    return env
+
+
 def tracking_uri(root: Path | None = None) -> str:
     """MLFLOW_TRACKING_URI if set, else SQLite in the project root through an absolute path.
 
-    An absolute path keeps `dvc exp run --temp/--queue`, which run in other folders,
-    recording to the same store.
+    `dvc exp run --temp/--queue` runs each experiment in a temporary copy of the repository
+    (.dvc/tmp/exps/tmp…) that is deleted afterwards; DVC_ROOT, which dvc sets for every stage,
+    names the repository it was started from, so those runs record to that repository's store.
     """
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    return f"sqlite:///{(root or project_root()) / 'mlflow.db'}"
+    if root is None:
+        root = Path(os.environ["DVC_ROOT"]).resolve() if os.environ.get("DVC_ROOT") else project_root()
+    return f"sqlite:///{root / 'mlflow.db'}"
 
 
 def torch_home() -> Path:

@@ -1,0 +1,237 @@
+"""Every MLflow call a training run makes, retried while the tracking store is briefly away.
+
+A tracking server restarted mid-training, or a SQLite store busy with another writer, should
+cost a pause, not a run. Each call here is retried with exponential backoff for at most
+`RetryPolicy.budget_s` seconds, with one line on stderr per retry; then it fails with
+`TrackingUnavailable`, and a rerun resumes (train.py saves its state before it logs an epoch).
+
+MLflow's own HTTP retries are switched off for these calls: they would retry silently for about
+four minutes per request, and a user would see a training run that hangs without saying why.
+Metrics carry the timestamp of their first attempt, so retrying a request that did reach the
+store before the connection dropped logs nothing twice (the store ignores identical metrics).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from .config import UserError
+
+T = TypeVar("T")
+
+# MLflow error codes that mean "try again later": a server that is down, restarting or busy.
+TRANSIENT_ERROR_CODES = frozenset({
+    "INTERNAL_ERROR",  # what MLflow raises when it cannot connect at all
+    "TEMPORARILY_UNAVAILABLE",  # SQLite locked, database connection lost
+    "REQUEST_LIMIT_EXCEEDED",
+    "DEADLINE_EXCEEDED",
+})
+MLFLOW_HTTP_RETRIES_VARIABLE = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+
+
+class TrackingUnavailable(UserError):
+    """The tracking store did not answer within the retry budget."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long to keep retrying one MLflow call, and how the waits grow."""
+
+    budget_s: float = 120.0
+    first_delay_s: float = 1.0
+    max_delay_s: float = 15.0
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures a later attempt may not see: no connection, a timeout, a busy store."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return exc.error_code in TRANSIENT_ERROR_CODES
+    return isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError))
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    """The exception's message on one line; when long, its start and its end (which says why)."""
+    text = " ".join(str(exc).split())
+    if len(text) <= limit:
+        return text
+    head = limit // 3
+    return text[:head] + " … " + text[head - limit:]
+
+
+@contextmanager
+def _without_mlflow_http_retries() -> Iterator[None]:
+    """Turn off MLflow's silent per-request retries for one call; ours say what they do."""
+    previous = os.environ.get(MLFLOW_HTTP_RETRIES_VARIABLE)
+    os.environ[MLFLOW_HTTP_RETRIES_VARIABLE] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(MLFLOW_HTTP_RETRIES_VARIABLE, None)
+        else:
+            os.environ[MLFLOW_HTTP_RETRIES_VARIABLE] = previous
+
+
+def call_with_retry(what: str, call: Callable[[], T], policy: RetryPolicy = RetryPolicy(),
+                    sleep: Callable[[float], None] | None = None) -> T:
+    """Return call(), retrying transient tracking failures with exponential backoff.
+
+    Raises the call's own exception when it is not transient, and TrackingUnavailable when
+    the budget is spent.
+    """
+    deadline = time.monotonic() + policy.budget_s
+    delay, attempt = policy.first_delay_s, 1
+    while True:
+        try:
+            with _without_mlflow_http_retries():
+                return call()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TrackingUnavailable(
+                    f"the MLflow tracking store did not answer for {policy.budget_s:.0f}s ({what}: {_short(exc)}); "
+                    "check the server behind MLFLOW_TRACKING_URI and rerun the same command: "
+                    "training resumes from its last finished epoch"
+                ) from None
+            wait = min(delay, policy.max_delay_s, left)
+            print(f"tracking store unavailable ({what}: {_short(exc, 120)}); retry {attempt} in {wait:.1f}s",
+                  file=sys.stderr, flush=True)
+            (sleep or time.sleep)(wait)
+            delay, attempt = delay * 2, attempt + 1
+
+
+def artifact_location_for(tracking_uri: str) -> str | None:
+    """For a SQLite store, `mlartifacts/` beside the database file (absolute, so every working
+    folder, dvc's temporary experiment copies included, agrees); None lets a server decide."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    return (Path(tracking_uri[len(prefix):]).resolve().parent / "mlartifacts").as_uri()
+
+
+def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | None,
+                      policy: RetryPolicy = RetryPolicy()) -> str:
+    """The id of experiment `name`, created (with artifact_location) when missing."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = call_with_retry("get experiment", lambda: client.get_experiment_by_name(name), policy)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return call_with_retry("create experiment",
+                               lambda: client.create_experiment(name, artifact_location=artifact_location), policy)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        # Another process (a parallel DVC stage) created it in the meantime.
+        return call_with_retry("get experiment", lambda: client.get_experiment_by_name(name), policy).experiment_id
+
+
+class RunTracker:
+    """One MLflow run, with every call retried (see the module docstring).
+
+    The run is also MLflow's active run in this process, because `mlflow.pyfunc.log_model`
+    logs to the active run.
+    """
+
+    def __init__(self, run_id: str, tracking_uri: str, policy: RetryPolicy = RetryPolicy()):
+        from mlflow.tracking import MlflowClient
+
+        self.run_id, self.policy = run_id, policy
+        self.client = MlflowClient(tracking_uri)
+
+    @classmethod
+    def start(cls, tracking_uri: str, experiment_id: str, run_name: str, run_id: str | None = None,
+              policy: RetryPolicy = RetryPolicy()) -> RunTracker:
+        """Create a run, or continue run_id (any status but deleted), and make it the active run."""
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
+        run = call_with_retry(
+            "start run",
+            lambda: mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, experiment_id=experiment_id),
+            policy,
+        )
+        return cls(run.info.run_id, tracking_uri, policy)
+
+    def _call(self, what: str, call: Callable[[], T]) -> T:
+        return call_with_retry(what, call, self.policy)
+
+    def add_params_and_tags(self, params: dict[str, str], tags: dict[str, str]) -> None:
+        """Log the params and tags the run does not have yet.
+
+        A continued run keeps what its first attempt logged, so a param that does not affect
+        the result (and so not the resume fingerprint) can change without MLflow refusing it.
+        """
+        from mlflow.entities import Param, RunTag
+
+        data = self._call("read run", lambda: self.client.get_run(self.run_id)).data
+        new_params = [Param(k, str(v)) for k, v in params.items() if k not in data.params]
+        new_tags = [RunTag(k, str(v)) for k, v in tags.items() if k not in data.tags]
+        if new_params or new_tags:
+            self._call("log params", lambda: self.client.log_batch(self.run_id, params=new_params, tags=new_tags))
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        """Log metrics at one step; the timestamp is fixed before the first attempt (idempotent retries)."""
+        from mlflow.entities import Metric
+
+        timestamp = int(time.time() * 1000)
+        batch = [Metric(k, float(v), timestamp, step) for k, v in metrics.items()]
+        self._call(f"log metrics of step {step}", lambda: self.client.log_batch(self.run_id, metrics=batch))
+
+    def logged_steps(self, key: str) -> list[int]:
+        """The steps at which metric `key` was logged, in order (repeats kept)."""
+        history = self._call(f"read {key} history", lambda: self.client.get_metric_history(self.run_id, key))
+        return sorted(m.step for m in history)
+
+    def log_artifact(self, path: str) -> None:
+        self._call("log artifact", lambda: self.client.log_artifact(self.run_id, path))
+
+    def log_model(self, log: Callable[[], T]) -> T:
+        """Run `log` (a function that logs a model to the active run), retried as one call."""
+        return self._call("log model", log)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Set the run's final status, then leave it as the active run."""
+        import mlflow
+
+        self._call("end run", lambda: self.client.set_terminated(self.run_id, status))
+        _leave_active_run(mlflow, status)
+
+    def abandon(self, status: str) -> None:
+        """Best effort after a failure: mark the run `status` if the store answers within a few
+        seconds, never raising (the original error is what the user must see)."""
+        import mlflow
+
+        try:
+            call_with_retry("end run", lambda: self.client.set_terminated(self.run_id, status),
+                            RetryPolicy(budget_s=5.0, first_delay_s=1.0, max_delay_s=2.0))
+        except Exception as exc:  # the store is away: the run stays RUNNING; a rerun continues it
+            print(f"could not mark MLflow run {self.run_id} {status} ({_short(exc, 120)})", file=sys.stderr)
+        _leave_active_run(mlflow, status)
+
+
+def _leave_active_run(mlflow, status: str) -> None:
+    """Pop this process's active run. MLflow pops it before telling the store, so a store that
+    is away cannot leave it active; the status was already set, so that error is ignored."""
+    if mlflow.active_run() is None:
+        return
+    try:
+        with _without_mlflow_http_retries():
+            mlflow.end_run(status=status)
+    except Exception:  # noqa: BLE001 - see the docstring
+        pass

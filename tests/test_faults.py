@@ -1,0 +1,445 @@
+"""Faults a training run survives, or reports clearly: a tracking store that goes away, SIGKILL,
+a full disk, corrupt checkpoints and model artifacts; and what the served model refuses."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+import yaml
+from conftest import make_split_project, tiny_params
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from transfer_study import models, serve, tracking, train
+from transfer_study.config import UserError
+from transfer_study.train import Cell
+
+CLI = [sys.executable, "-m", "transfer_study.cli"]
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers: a project on disk that the real CLI can train, and a process whose stderr we follow
+# --------------------------------------------------------------------------------------------
+
+
+def write_params(root: Path, params) -> Path:
+    """params.yaml for `transfer-study train` in a test project."""
+
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(plain(dataclasses.asdict(params))))
+    return path
+
+
+def cli_project(root: Path, per_class: int, **train_overrides) -> Path:
+    """A project folder with crops, a manifest and params.yaml for one resnet18 scratch cell."""
+    make_split_project(root, per_class=per_class)
+    params = tiny_params(architectures=("resnet18",), conditions=("scratch",), **train_overrides)
+    write_params(root, params)
+    return root
+
+
+class FollowedProcess:
+    """A subprocess whose stderr lines are collected by a thread, so a test can wait for one."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str]):
+        self.process = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stderr:
+            self.lines.append(line)
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.lines):
+            if self.process.poll() is not None and not self._reader.is_alive():
+                pytest.fail(f"process exited ({self.process.returncode}) before '{text}':\n{self.output()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no '{text}' within {timeout}s:\n{self.output()}")
+            time.sleep(0.05)
+
+    def finish(self, timeout: float) -> int:
+        code = self.process.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL the process group (the process and any children it started)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def output(self) -> str:
+        return "".join(self.lines)[-6000:]
+
+
+def training_env(tracking_uri: str) -> dict[str, str]:
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, PYTHONUNBUFFERED="1")
+    env.pop("MLFLOW_RUN_ID", None)
+    return env
+
+
+def single_run(tracking_uri: str):
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("transfer-study")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1, f"expected one MLflow run, found {len(runs)}"
+    return client, runs[0]
+
+
+def flip_byte(path: Path, offset: int | None = None) -> None:
+    data = bytearray(path.read_bytes())
+    position = len(data) // 2 if offset is None else offset
+    data[position] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+# --------------------------------------------------------------------------------------------
+# Retries of tracking calls
+# --------------------------------------------------------------------------------------------
+
+
+def test_tracking_calls_retry_with_backoff_and_say_so(capsys):
+    failures = [MlflowException("API request failed: connection refused"),
+                MlflowException("database is locked", error_code=TEMPORARILY_UNAVAILABLE)]
+    waits: list[float] = []
+
+    def flaky():
+        if failures:
+            raise failures.pop(0)
+        return "ok"
+
+    assert tracking.call_with_retry("log metrics", flaky, tracking.RetryPolicy(first_delay_s=1.0),
+                                    sleep=waits.append) == "ok"
+    assert waits == [1.0, 2.0]
+    err = capsys.readouterr().err
+    assert err.count("tracking store unavailable (log metrics") == 2 and "retry 2 in 2.0s" in err
+
+
+def test_tracking_calls_give_up_after_the_budget_with_a_clear_error():
+    def down():
+        raise ConnectionRefusedError("connection refused")
+
+    started = time.monotonic()
+    with pytest.raises(tracking.TrackingUnavailable, match="rerun the same command"):
+        tracking.call_with_retry("end run", down, tracking.RetryPolicy(budget_s=0.4, first_delay_s=0.1))
+    assert time.monotonic() - started < 5
+
+
+def test_permanent_tracking_errors_are_not_retried():
+    calls = []
+
+    def refused():
+        calls.append(1)
+        raise MlflowException("bad param", error_code=INVALID_PARAMETER_VALUE)
+
+    with pytest.raises(MlflowException, match="bad param"):
+        tracking.call_with_retry("log params", refused, sleep=lambda s: pytest.fail("retried a permanent error"))
+    assert calls == [1]
+
+
+def test_mlflow_http_retries_are_off_only_during_a_call(monkeypatch):
+    monkeypatch.setenv(tracking.MLFLOW_HTTP_RETRIES_VARIABLE, "5")
+    seen = tracking.call_with_retry("probe", lambda: os.environ[tracking.MLFLOW_HTTP_RETRIES_VARIABLE])
+    assert seen == "0" and os.environ[tracking.MLFLOW_HTTP_RETRIES_VARIABLE] == "5"
+
+
+def test_a_retried_metrics_request_that_reached_the_store_logs_nothing_twice(tracking_uri, monkeypatch):
+    experiment_id = tracking.ensure_experiment(tracking_uri, "transfer-study", None)
+    tracker = tracking.RunTracker.start(tracking_uri, experiment_id, "cell")
+    real_log_batch, calls = tracker.client.log_batch, []
+
+    def lost_answer(*args, **kwargs):
+        calls.append(1)
+        real_log_batch(*args, **kwargs)  # the store has it ...
+        if len(calls) == 1:
+            raise MlflowException("connection reset by peer")  # ... but the answer is lost
+
+    monkeypatch.setattr(tracker.client, "log_batch", lost_answer)
+    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    tracker.log_metrics({"val_acc": 0.5, "train_loss": 1.0}, step=1)
+    tracker.finish()
+    assert len(calls) == 2
+    assert [m.step for m in MlflowClient(tracking_uri).get_metric_history(tracker.run_id, "val_acc")] == [1]
+
+
+def test_resume_logs_the_epochs_the_store_missed(tracking_uri, capsys):
+    experiment_id = tracking.ensure_experiment(tracking_uri, "transfer-study", None)
+    tracker = tracking.RunTracker.start(tracking_uri, experiment_id, "cell")
+    history = [dict(epoch=e, train_loss=1.0 / e, train_acc=0.5, val_loss=1.0, val_acc=0.1 * e, seconds=1.0)
+               for e in (1, 2, 3)]
+    for row in history[:2]:  # the process died after saving epoch 3, before logging it
+        tracker.log_metrics(train._epoch_metrics(row), step=row["epoch"])
+    train._log_missing_epochs(tracker, history, Cell("resnet18", "scratch", 0))
+    tracker.finish()
+    steps = [m.step for m in MlflowClient(tracking_uri).get_metric_history(tracker.run_id, "val_acc")]
+    assert steps == [1, 2, 3]
+    assert "logging epoch 3's metrics" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints: checksums, corruption, full disk
+# --------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_with_a_flipped_byte_is_reported_not_loaded(tmp_path):
+    path = tmp_path / "best.pt"
+    digest = train.atomic_save({"model": {"w": torch.arange(1000.0)}, "epoch": 3}, path)
+    assert train.checksum_path(path).read_text().split() == [digest, "best.pt"]
+    assert train.load_checkpoint(path)["epoch"] == 3
+    flip_byte(path)
+    with pytest.raises(UserError, match="checksum mismatch") as error:
+        train.load_checkpoint(path)
+    assert str(path) in str(error.value) and "corrupt" in str(error.value)
+
+
+def test_checkpoint_without_its_checksum_is_not_trusted(tmp_path):
+    path = tmp_path / "last.pt"
+    torch.save({"model": {}}, path)  # written by something other than atomic_save
+    with pytest.raises(UserError, match="no checksum file"):
+        train.load_checkpoint(path)
+
+
+def test_resume_state_and_best_checkpoint_are_verified_before_use(project_with_manifest, tracking_uri):
+    root = project_with_manifest
+    params = tiny_params(epochs=2)
+    cell = Cell("resnet18", "scratch", 0)
+    manifest = pd.read_csv(root / "data/split/manifest.csv")
+    work = train.WorkDir(root / train.CHECKPOINT_DIR / f"{cell.name}-{train.result_fingerprint(params, cell, manifest)}")
+    weights = {"model": models.build_model("resnet18", 3, pretrained=False).state_dict(), "epoch": 1}
+    state = {"epoch": 1, "best_epoch": 1, "best_sha256": None, "history": [], "run_id": None}
+    work.save_epoch(state, best_weights=weights)
+    assert state["best_sha256"] == train.file_sha256(work.best_file(1))
+    work.check_best(work.load_state())
+
+    flip_byte(work.best_file(1))
+    with pytest.raises(UserError, match="best-e1.pt' is corrupt: checksum mismatch"):
+        work.check_best(work.load_state())
+    flip_byte(work.state_file, offset=100)
+    with pytest.raises(UserError, match="resume.pt' is corrupt: checksum mismatch"):
+        train.train_cell(params, cell, root, tracking_uri)
+    assert not (root / "out" / "models").exists(), "training went ahead on a corrupt resume state"
+
+
+@pytest.fixture
+def project_with_manifest(tmp_path: Path) -> Path:
+    make_split_project(tmp_path)
+    return tmp_path
+
+
+def _fill_disk_then_save(folder: Path) -> None:
+    """Save a small checkpoint, then one larger than the disk at the same path; check the result."""
+    path = folder / "last.pt"
+    train.atomic_save({"epoch": 1, "model": {"w": torch.ones(1000)}}, path)
+    with pytest.raises(UserError) as error:
+        train.atomic_save({"epoch": 2, "model": {"w": torch.randn(1024 * 1024)}}, path)  # 4 MB
+    message = str(error.value)
+    assert str(path) in message and "free disk space" in message and "no space left" in message
+    assert train.load_checkpoint(path)["epoch"] == 1, "the previous checkpoint was damaged"
+    assert sorted(p.name for p in folder.iterdir()) == ["last.pt", "last.pt.sha256"], "temp files left behind"
+
+
+def test_full_disk_on_a_real_filesystem_gives_a_clear_error(tmp_path):
+    mount_point = tmp_path / "small_disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a 1 MB tmpfs here (needs root or CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    try:
+        _fill_disk_then_save(mount_point)
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_full_disk_via_dev_full_gives_a_clear_error(tmp_path, monkeypatch):
+    # /dev/full fails every write with ENOSPC: the kernel's own full disk, without mounting one.
+    real_open = open
+
+    def open_temp_on_full_disk(file, mode="r", *args, **kwargs):
+        if str(file).endswith(".pt.tmp") and "w" in mode and Path(str(file)[:-4]).exists():
+            return real_open("/dev/full", mode, *args, **kwargs)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(train, "open", open_temp_on_full_disk, raising=False)
+    _fill_disk_then_save(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# The logged model: weights checksum; what the served pyfunc refuses
+# --------------------------------------------------------------------------------------------
+
+
+def test_corrupt_model_artifact_fails_to_load_with_a_clear_message(tmp_path, tracking_uri):
+    model = models.build_model("efficientnet_lite0", 3, pretrained=False).eval()
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment_id = mlflow.create_experiment("artifacts", artifact_location=(tmp_path / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment_id):
+        info = serve.log_servable_model(model, "efficientnet_lite0", ["a", "b", "c"], 32, tiny_params(),
+                                        Path("best.pt"))
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "download")))
+    config = json.loads(next(local.rglob("config.json")).read_text())
+    weights = next(local.rglob("weights.pt"))
+    assert config["weights_sha256"] == train.file_sha256(weights)
+    mlflow.pyfunc.load_model(str(local))  # intact: loads
+
+    flip_byte(weights)
+    with pytest.raises(Exception, match="corrupt: checksum mismatch") as error:
+        mlflow.pyfunc.load_model(str(local))
+    assert "weights.pt" in str(error.value)
+
+
+def _png_base64(size: int = 8) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (200, 30, 30)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.parametrize("value", ["/etc/passwd", "/etc/shadow1", "file:///etc/passwd",
+                                   "http://example.com/shirt.png", "s3://bucket/key.png"])
+def test_pyfunc_refuses_paths_and_urls(value, monkeypatch):
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("fetched a URL"))
+    with pytest.raises(serve.BadRequest, match="row 0: .*(not valid base64|not a readable image)"):
+        serve.images_from_request(pd.DataFrame({"image": [value]}))
+
+
+def test_pyfunc_refuses_the_path_of_a_real_image(tmp_path):
+    path = tmp_path / "shirt.png"
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(path)
+    assert len(serve.images_from_request(pd.DataFrame({"image": [serve.encode_file(path)]}))) == 1
+    with pytest.raises(serve.BadRequest, match="not valid base64|not a readable image"):
+        serve.images_from_request(pd.DataFrame({"image": [str(path)]}))
+
+
+def test_pyfunc_caps_the_whole_request(monkeypatch):
+    image = _png_base64()
+    monkeypatch.setattr(serve, "MAX_REQUEST_BASE64_CHARS", 3 * len(image))
+    assert len(serve.images_from_request(pd.DataFrame({"image": [image] * 3}))) == 3
+    with pytest.raises(serve.BadRequest, match="send fewer images per request"):
+        serve.images_from_request(pd.DataFrame({"image": [image] * 4}))
+
+
+# --------------------------------------------------------------------------------------------
+# Real processes: SIGKILL mid-epoch; the tracking server killed and restarted
+# --------------------------------------------------------------------------------------------
+
+EPOCHS = 4
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_rerun_continues_the_same_run(tmp_path, tracking_uri):
+    root = cli_project(tmp_path / "project", per_class=30, epochs=EPOCHS, batch_size=8,
+                       image_size={"resnet18": 64, "vgg19": 32, "inception_v3": 75, "efficientnet_lite0": 32})
+    first = FollowedProcess(CLI + ["train"], root, training_env(tracking_uri))
+    try:
+        first.wait_for(f"epoch 1/{EPOCHS}", timeout=300)
+        time.sleep(0.5)  # into epoch 2, which takes seconds
+        first.kill()
+    finally:
+        first.kill()
+    assert first.process.returncode == -signal.SIGKILL
+    assert not any(f"epoch {EPOCHS}/{EPOCHS}" in line for line in first.lines), "killed too late to test a resume"
+    (state_file,) = (root / train.CHECKPOINT_DIR).glob("resnet18-scratch-s0-*/resume.pt")
+    assert train.load_checkpoint(state_file)["epoch"] == 1, "not killed during epoch 2"
+    client, run = single_run(tracking_uri)
+    assert run.info.status == "RUNNING"  # SIGKILL leaves no chance to end it
+
+    second = FollowedProcess(CLI + ["train"], root, training_env(tracking_uri))
+    assert second.finish(timeout=600) == 0, second.output()
+    assert f"resuming MLflow run {run.info.run_id} from epoch 2" in second.output()
+    client, resumed = single_run(tracking_uri)
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+    for key in ("train_loss", "val_acc", "val_loss"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(range(1, EPOCHS + 1))
+    run_dir = root / "out" / "models" / "resnet18-scratch" / "s0"
+    assert len(pd.read_csv(run_dir / "history.csv")) == EPOCHS
+    train.load_checkpoint(run_dir / "best.pt")  # verified against its checksum
+    assert not any((root / train.CHECKPOINT_DIR).glob("resnet18-*")), "resume state left after a finished run"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_tracking_server(folder: Path, port: int) -> FollowedProcess:
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    server = FollowedProcess(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+         "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        folder, env)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return server
+        except OSError:
+            time.sleep(0.5)
+        if server.process.poll() is not None:
+            pytest.fail(f"mlflow server exited:\n{server.output()}")
+    server.kill()
+    pytest.fail(f"mlflow server did not answer /health within 180s:\n{server.output()}")
+
+
+@pytest.mark.slow
+def test_tracking_server_killed_and_restarted_mid_training(tmp_path):
+    root = cli_project(tmp_path / "project", per_class=20, epochs=EPOCHS, batch_size=8)
+    store = tmp_path / "server"
+    store.mkdir()
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _start_tracking_server(store, port)
+    training = FollowedProcess(CLI + ["train"], root, training_env(uri))
+    try:
+        training.wait_for(f"epoch 1/{EPOCHS}", timeout=300)  # printed once epoch 1 is logged
+        server.kill()
+        time.sleep(20)
+        server = _start_tracking_server(store, port)
+        assert training.finish(timeout=600) == 0, training.output()
+        assert "tracking store unavailable" in training.output()
+        client, run = single_run(uri)
+        assert run.info.status == "FINISHED"
+        for key in ("train_loss", "val_acc"):
+            assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(range(1, EPOCHS + 1))
+        assert json.loads((root / "out/models/resnet18-scratch/s0/run.json").read_text())["run_id"] == run.info.run_id
+    finally:
+        training.kill()
+        server.kill()
+
+
+def test_local_artifacts_go_beside_the_sqlite_store(tmp_path):
+    assert tracking.artifact_location_for(f"sqlite:///{tmp_path / 'mlflow.db'}") == (tmp_path / "mlartifacts").as_uri()
+    assert tracking.artifact_location_for("http://127.0.0.1:5000") is None  # the server decides
