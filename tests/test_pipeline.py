@@ -98,9 +98,14 @@ def test_fetch_matches_the_committed_data_dvc(tmp_path):
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
     root = copy_repo(tmp_path / "repo")
     env = _env(root)
+    committed = (root / "data.dvc").read_bytes()
     for attempt in range(2):
         shutil.rmtree(root / "data" / "raw", ignore_errors=True)
+        shutil.rmtree(root / ".dvc" / "cache", ignore_errors=True)
         _run([str(BIN / "transfer-study"), "data", "fetch"], root, env)
+        # As `make data` does: cache the fetched folder; data.dvc must not change.
+        _run([str(BIN / "dvc"), "commit", "--force", "--quiet", "data.dvc"], root, env)
+        assert (root / "data.dvc").read_bytes() == committed, f"fetch {attempt + 1} changed the dataset's hash"
         status = _run([str(BIN / "dvc"), "status", "data.dvc"], root, env)
         assert "up to date" in status.stdout, f"fetch {attempt + 1}: {status.stdout}"
 

@@ -121,12 +121,32 @@ def artifact_location_for(tracking_uri: str) -> str | None:
     return (Path(tracking_uri[len(prefix):]).resolve().parent / "mlartifacts").as_uri()
 
 
+def prepare_store(tracking_uri: str) -> None:
+    """Create a local SQLite store's tables once, under a file lock beside it.
+
+    Processes that open a new store at the same moment (`dvc queue start -j 2` on a fresh
+    clone) would otherwise all run MLflow's schema migrations, and all but one fail.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        return
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        MlflowClient(tracking_uri).search_experiments(max_results=1)
+
+
 def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | None,
                       policy: RetryPolicy = RetryPolicy()) -> str:
     """The id of experiment `name`, created (with artifact_location) when missing."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    prepare_store(tracking_uri)
     client = MlflowClient(tracking_uri)
     experiment = call_with_retry("get experiment", lambda: client.get_experiment_by_name(name), policy)
     if experiment is not None:
