@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import hashlib
 import io
 import json
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .checksums import file_sha256
 from .config import Params, PreprocessParams, UserError
 
 IMAGE_COLUMN = "image"
@@ -77,12 +77,6 @@ def images_from_request(model_input) -> list:
     return [decode_image(v, i) for i, v in enumerate(values)]
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_weights(weights: Path, expected: str | None) -> None:
@@ -93,7 +87,7 @@ def verify_weights(weights: Path, expected: str | None) -> None:
     if expected is None:
         warnings.warn(f"model weights '{weights}' have no recorded checksum and cannot be verified", stacklevel=2)
         return
-    actual = sha256_of(weights)
+    actual = file_sha256(weights)
     if actual != expected:
         raise CorruptModel(f"model artifact '{weights}' is corrupt: checksum mismatch (SHA-256 {actual[:16]}…, "
                            f"config.json records {expected[:16]}…); log or download the model again")
@@ -216,7 +210,7 @@ def log_servable_model(model, architecture: str, class_names: list[str], image_s
             "aux_logits": bool(getattr(model, "aux_head", None) is not None),
             "preprocess": dataclasses.asdict(params.preprocess),
             "checkpoint": checkpoint.name,
-            "weights_sha256": sha256_of(weights),
+            "weights_sha256": file_sha256(weights),
         }, indent=2))
         return mlflow.pyfunc.log_model(
             name="model",

@@ -6,7 +6,6 @@ whose content appears under two different labels are excluded (their label is am
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from transfer_study.checksums import file_sha256
 from transfer_study.config import SplitParams, UserError
 
 SPLITS = ("train", "val", "test")
@@ -84,9 +84,6 @@ def stratified_split(items: pd.DataFrame, params: SplitParams) -> pd.DataFrame:
     return result
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 hex digest of a file's bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def scan_crops(cropped: Path) -> pd.DataFrame:

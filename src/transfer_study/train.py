@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import distributed, imagestore, models, tracking
+from .checksums import file_sha256
 from .config import ConfigError, Params, UserError, flatten_params
 from .distributed import SINGLE_PROCESS, World
 
@@ -149,12 +150,6 @@ def checksum_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_failure(path: Path, exc: BaseException) -> str:
