@@ -1,0 +1,133 @@
+"""What every section shares: the project's split data, the device, the profile's sizes, a
+temporary folder, and ImageNet weights files for the pretrained conditions.
+
+Stores built here go to a temporary folder, never to the project's `checkpoints/stores`, so a
+cached store from an earlier training run cannot make the fast path look cheaper than it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from transfer_study import distributed, imagestore, models
+from transfer_study.config import Params, UserError, load_params
+from transfer_study.distributed import SINGLE_PROCESS
+from transfer_study.train import TrainingData, read_manifest, shard_loader
+
+BATCH_SIZE = 32  # the study's batch size, used by both paths
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How many batches a throughput measurement runs: untimed warm-up, then timed windows
+    whose median is reported (the machine may be shared, so one window can be unlucky)."""
+
+    warmup: int
+    batches: int
+    windows: int
+
+
+class Workspace:
+    def __init__(self, root: Path, device: torch.device, profile: str, archs: list[str], conditions: list[str],
+                 plan: BatchPlan, tmp: Path, weights_dir: Path | None = None):
+        self.root, self.device, self.plan, self.tmp = root, device, plan, tmp
+        self.profile = profile
+        self.params: Params = load_params(root / ("params.quick.yaml" if profile == "quick" else "params.yaml"))
+        self.archs, self.conditions = archs, conditions
+        self.manifest = read_manifest(root / self.params.paths.manifest)
+        self.cropped = root / self.params.paths.cropped
+        self.raw = root / self.params.paths.raw
+        self.class_names = sorted(self.manifest["label"].unique())
+        self._data: dict[int, TrainingData] = {}
+        self.store_seconds: dict[int, float] = {}
+        self.weights_dir, self.placeholder_weights = self._prepare_weights(weights_dir)
+
+    # -- sizes and params ------------------------------------------------------------------
+    def size_of(self, arch: str) -> int:
+        return self.params.train.image_size[arch]
+
+    def train_params(self, arch: str) -> Params:
+        """The profile's params for one architecture at batch 32, with the bench's weights folder.
+
+        Inception's aux classifier needs 299 px in training, so it is off below that (the quick
+        profile's 75 px would otherwise be refused by models.check_input_size).
+        """
+        t = self.params.train
+        aux = t.aux_logits and (arch != "inception_v3" or self.size_of(arch) >= models.INCEPTION_AUX_MIN_SIZE)
+        train = dataclasses.replace(t, batch_size=BATCH_SIZE, weights_dir=str(self.weights_dir),
+                                    aux_logits=aux, max_batches_per_epoch=None)
+        return dataclasses.replace(self.params, train=train)
+
+    @property
+    def workers(self) -> int:
+        """Loader workers of the fast path, as train.train_cell picks them (none on a CPU)."""
+        return self.params.train.num_workers if self.device.type == "cuda" else 0
+
+    @property
+    def train_rows(self):
+        return self.manifest.index[self.manifest["split"] == "train"].to_numpy()
+
+    # -- the fast path's store ------------------------------------------------------------
+    def training_data(self, size: int) -> TrainingData:
+        """The uint8 store of every manifest image at `size` px, built once per invocation (timed)."""
+        if size not in self._data:
+            started = time.perf_counter()
+            self._data[size] = TrainingData(self.manifest, self.root, size, self.tmp / "stores")
+            self.store_seconds[size] = time.perf_counter() - started
+        return self._data[size]
+
+    # -- weights --------------------------------------------------------------------------
+    def _prepare_weights(self, user_dir: Path | None) -> tuple[Path, set[str]]:
+        """A folder with a weights file for every architecture benchmarked.
+
+        Real ImageNet weights are linked in when they are on this machine. Where they are not (no
+        network here), a randomly initialised state_dict of the same shapes stands in: throughput
+        does not depend on the values, and the row says so. Never used for accuracy.
+        """
+        folder = self.tmp / "weights"
+        folder.mkdir(parents=True, exist_ok=True)
+        placeholders = set()
+        pretrained_needed = any(c != "scratch" for c in self.conditions)
+        for arch in self.archs if pretrained_needed else []:
+            target = folder / models.weights_file(arch)
+            try:
+                target.symlink_to(models.resolve_weights(arch, user_dir, download=False))
+            except models.WeightsMissing:
+                torch.save(_random_imagenet_state(arch), target)
+                placeholders.add(arch)
+        return folder, placeholders
+
+
+def epoch_loader(source: imagestore.BatchSource, seed: int, workers: int,
+                 pin: bool) -> torch.utils.data.DataLoader:
+    """One epoch's loader of whole uint8 batches, built as train._train_epochs builds it (a seeded
+    permutation cut into batches of 32, one process), so the fast path is the project's own."""
+    permutation = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed)).tolist()
+    return shard_loader(source, distributed.shard_batches(permutation, BATCH_SIZE, SINGLE_PROCESS), workers, pin)
+
+
+def _random_imagenet_state(arch: str) -> dict:
+    """The state_dict of `arch`'s 1000-class ImageNet network, randomly initialised."""
+    import torchvision
+
+    if arch == "efficientnet_lite0":
+        return models.EfficientNetLite0().state_dict()
+    if arch == "inception_v3":
+        # init_weights=False: its truncated-normal init is slow and the values do not matter here.
+        net = torchvision.models.get_model(arch, weights=None, aux_logits=True, init_weights=False)
+        return net.state_dict()
+    return torchvision.models.get_model(arch, weights=None).state_dict()
+
+
+def require_split_data(root: Path, params_file: str = "params.yaml") -> None:
+    """Raise UserError unless the crops and the split manifest exist (`dvc repro split`)."""
+    params = load_params(root / params_file)
+    manifest = root / params.paths.manifest
+    if not manifest.is_file() or not (root / params.paths.cropped).is_dir():
+        raise UserError(f"'{manifest}' or '{params.paths.cropped}' is missing; run `dvc repro split` "
+                        f"(or `python bench/prepare_data.py` where dvc is not installed) first")
