@@ -55,7 +55,8 @@ quick: data
 test: setup
 	$(BIN)/python -m pytest -m "slow or not slow" -q
 
-bench: setup data
+bench: data
+	dvc repro split
 	$(BIN)/python bench/run.py
 
 clean-quick:

@@ -9,6 +9,7 @@ datasets larger than RAM still work.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -53,11 +54,15 @@ def build_store(paths: list[Path], hashes: list[str], size: int, cache_dir: Path
     partial = final.with_suffix(".partial.npy")
     store = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
 
-    def fill(i: int) -> None:
-        store[i] = _decode_resized(paths[i], size)
+    def fill(rows: range) -> None:
+        for i in rows:
+            store[i] = _decode_resized(paths[i], size)
 
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        list(pool.map(fill, range(len(paths))))
+    # Chunks, not a task per image: pool.map submits every task at once (~2 KB of heap each),
+    # which would make memory grow with the dataset.
+    chunks = [range(start, min(start + 256, len(paths))) for start in range(0, len(paths), 256)]
+    with ThreadPoolExecutor() as pool:
+        list(pool.map(fill, chunks))
     store.flush()
     del store
     partial.rename(final)
@@ -134,8 +139,14 @@ def to_model_input(images_u8: torch.Tensor, device: torch.device, channels_last:
     return images
 
 
+@functools.lru_cache(maxsize=None)
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean/std on `device`, made once: a host-to-GPU copy per batch would wait for the GPU."""
+    return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """ImageNet mean/std normalisation, used in every condition so they differ only in init."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(images.device)
     return (images - mean) / std

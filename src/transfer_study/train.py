@@ -360,7 +360,8 @@ class Trainer:
         self.frozen = cell.condition == "frozen"
         if self.frozen:
             models.freeze_backbone(self.model)
-        self.channels_last = device.type == "cuda"
+        # channels_last speeds convolutions with cuDNN and with oneDNN on CPU (bench/: Lite0 1.66x at 64 px).
+        self.channels_last = device.type in ("cuda", "cpu")
         self.model.to(device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
