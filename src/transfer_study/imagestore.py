@@ -19,9 +19,7 @@ import torch
 from PIL import Image
 
 from .config import AugmentParams
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .models import IMAGENET_MEAN, IMAGENET_STD
 
 
 def store_key(paths: list[str], hashes: list[str], size: int) -> str:
