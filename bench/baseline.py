@@ -20,8 +20,8 @@ from torchvision import datasets, transforms
 
 from transfer_study import models
 from transfer_study.config import AugmentParams, Params
-from transfer_study.imagestore import IMAGENET_MEAN, IMAGENET_STD
-from transfer_study.train import loss_of
+from transfer_study.models import IMAGENET_MEAN, IMAGENET_STD
+from transfer_study.trainer import loss_of
 
 BASELINE_WORKERS = 2
 

@@ -17,7 +17,7 @@ import torch
 from baseline import standard_loader, standard_transform, train_folder
 from table import Row
 from timing import SteadyStateBatches, alternate_windows
-from transfer_study import imagestore
+from transfer_study import transforms
 from workspace import BATCH_SIZE, BatchPlan, Workspace, epoch_loader
 
 DATA_MODEL_TARGET = 3.0
@@ -32,7 +32,7 @@ def _plan(ws: Workspace) -> BatchPlan:
 def fast_pipeline_window(ws: Workspace, size: int):
     """A function timing one window of the fast pipeline (a fresh epoch loader each call)."""
     data = ws.training_data(size)
-    augment = imagestore.GpuAugment(ws.params.train.augment).to(ws.device)
+    augment = transforms.GpuAugment(ws.params.train.augment).to(ws.device)
     source = data.source(data.rows("train"))
     pin = channels_last = ws.device.type == "cuda"
     epochs = iter(range(1, 1_000_000))
@@ -44,9 +44,9 @@ def fast_pipeline_window(ws: Workspace, size: int):
             plan.warmup, plan.batches, 1, ws.device)
         with torch.no_grad():
             for images_u8, labels in batches:
-                images = imagestore.to_model_input(images_u8, ws.device, channels_last)
+                images = transforms.to_model_input(images_u8, ws.device, channels_last)
                 labels = labels.to(ws.device, non_blocking=True)
-                imagestore.normalize(augment(images))
+                transforms.normalize(augment(images))
         return batches.rates[0]
 
     return window

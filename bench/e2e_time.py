@@ -96,7 +96,7 @@ def epoch_loop_seconds(outputs: Path) -> float | None:
 
 def training_compute_seconds(params, train_results: dict, train_images: int) -> float | None:
     """Σ over the profile's cells of epochs × train images ÷ measured fast img/s; None if any is missing."""
-    from transfer_study.train import cells_for
+    from transfer_study.cells import cells_for
 
     total = 0.0
     for cell in cells_for(params):

@@ -50,7 +50,7 @@ def measure_one_size(raw: Path, size: int, work: Path, device: torch.device, tra
     one frozen-head epoch. Peak anonymous memory is taken per phase: build, then epochs."""
     from timing import PeakAnonymousMemory, anonymous_rss_bytes, peak_rss_bytes, sync
     from workspace import epoch_loader
-    from transfer_study import imagestore
+    from transfer_study import imagestore, transforms
     from transfer_study.config import AugmentParams
 
     paths, labels = _labelled_paths(raw)
@@ -72,16 +72,16 @@ def measure_one_size(raw: Path, size: int, work: Path, device: torch.device, tra
 
     with PeakAnonymousMemory() as epoch_memory:
         source = imagestore.BatchSource(store, labels)
-        augment = imagestore.GpuAugment(AugmentParams()).to(device)
+        augment = transforms.GpuAugment(AugmentParams()).to(device)
         epoch_times = []
         for epoch in range(repeats):
             loader = epoch_loader(source, epoch, 2 if cuda else 0, cuda)
             started = time.perf_counter()
             with torch.no_grad():
                 for images_u8, batch_labels in loader:
-                    images = imagestore.to_model_input(images_u8, device, cuda)
+                    images = transforms.to_model_input(images_u8, device, cuda)
                     batch_labels.to(device, non_blocking=True)
-                    imagestore.normalize(augment(images))
+                    transforms.normalize(augment(images))
             sync(device)
             epoch_times.append(time.perf_counter() - started)
         result["epoch_s"], result["epoch_s_all"] = statistics.median(epoch_times), epoch_times
@@ -103,7 +103,8 @@ def _frozen_head_epoch(store, labels, size: int, device: torch.device, work: Pat
     from transfer_study import imagestore, models
     from workspace import epoch_loader
     from transfer_study.config import Params
-    from transfer_study.train import Cell, Trainer
+    from transfer_study.cells import Cell
+    from transfer_study.trainer import Trainer
 
     weights_dir = None
     try:

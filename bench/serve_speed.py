@@ -149,7 +149,8 @@ def train_tiny_model(root: Path, params, tmp: Path) -> tuple[str, str]:
     and crops but writes its checkpoints, outputs and artifacts under `tmp`.
     Returns (model URI, tracking URI).
     """
-    from transfer_study.train import Cell, train_cell
+    from transfer_study.cells import Cell
+    from transfer_study.train import train_cell
 
     project = tmp / "serve-project"
     project.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Section `train`: training throughput (images/s) per architecture × condition.
 
-Fast path: `transfer_study.train.Trainer.train_epoch` fed by each epoch's `train.shard_loader`,
+Fast path: `transfer_study.trainer.Trainer.train_epoch` fed by each epoch's `train.shard_loader`,
 as `train_cell` runs them (uint8 memmap store, per-sample kornia augmentation on the device,
 pinned memory and non-blocking copies, bf16 autocast and channels_last on CUDA, frozen backbone
 under no_grad). Baseline: bench/baseline.py's standard recipe on the same train rows.
@@ -17,7 +17,9 @@ import torch
 from baseline import StandardTrainer, standard_loader, standard_transform, train_folder
 from table import Row
 from timing import SteadyStateBatches, alternate_windows, progress
-from transfer_study.train import Cell, Trainer, seed_everything
+from transfer_study.cells import Cell
+from transfer_study.train import seed_everything
+from transfer_study.trainer import Trainer
 from workspace import BATCH_SIZE, Workspace, epoch_loader
 
 

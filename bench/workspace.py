@@ -17,7 +17,8 @@ import torch
 from transfer_study import distributed, imagestore, models
 from transfer_study.config import Params, UserError, load_params
 from transfer_study.distributed import SINGLE_PROCESS
-from transfer_study.train import TrainingData, read_manifest, shard_loader
+from transfer_study.imagestore import TrainingData, shard_loader
+from transfer_study.split import read_manifest
 
 BATCH_SIZE = 32  # the study's batch size, used by both paths
 

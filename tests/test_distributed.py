@@ -17,7 +17,7 @@ from conftest import make_split_project, tiny_params
 from mlflow.tracking import MlflowClient
 from test_faults import write_params
 
-from transfer_study import config, train
+from transfer_study import cells, checkpoints, config, imagestore, train
 from transfer_study.config import AugmentParams, ConfigError
 from transfer_study.distributed import World, loss_weight, shard_batches
 
@@ -53,11 +53,11 @@ def test_weighted_rank_losses_average_to_the_global_mean_loss():
 def test_each_rank_trains_on_its_own_shard_of_every_epoch(tmp_path, monkeypatch):
     make_split_project(tmp_path)  # 12 train images
     manifest = pd.read_csv(tmp_path / "data/split/manifest.csv")
-    data = train.TrainingData(manifest, tmp_path, 32, tmp_path / "cache")
+    data = imagestore.TrainingData(manifest, tmp_path, 32, tmp_path / "cache")
     monkeypatch.setattr(train, "shard_loader", lambda source, shards, workers, pin: shards)
 
     class RecordingTrainer:
-        """Stands in for train.Trainer: records the shards each epoch hands it."""
+        """Stands in for trainer.Trainer: records the shards each epoch hands it."""
 
         device, frozen = torch.device("cpu"), False
 
@@ -70,7 +70,7 @@ def test_each_rank_trains_on_its_own_shard_of_every_epoch(tmp_path, monkeypatch)
 
     ranks = [RecordingTrainer(World(rank, 2)) for rank in (0, 1)]
     for trainer in ranks:
-        train._train_epochs(trainer, data, tiny_params(epochs=2, batch_size=4), train.Cell("resnet18", "scratch", 0),
+        train._train_epochs(trainer, data, tiny_params(epochs=2, batch_size=4), cells.Cell("resnet18", "scratch", 0),
                             1, recorder=None)
     for epoch in range(2):
         rows = [[row for shard in rank.epochs[epoch] for row in shard] for rank in ranks]
@@ -141,7 +141,7 @@ def test_two_gloo_processes_give_the_single_process_result(tmp_path):
     np.testing.assert_array_equal(one["train_acc"], two["train_acc"])
     np.testing.assert_allclose(one["train_loss"], two["train_loss"], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(one["val_loss"], two["val_loss"], rtol=1e-4, atol=1e-6)
-    heads = [train.load_checkpoint(_run_folder(root, cell) / "last.pt")["model"] for root in (single, ddp)]
+    heads = [checkpoints.load_checkpoint(_run_folder(root, cell) / "last.pt")["model"] for root in (single, ddp)]
     for key in ("head.weight", "head.bias"):
         torch.testing.assert_close(heads[0][key], heads[1][key], atol=1e-4, rtol=1e-4)
     assert not torch.equal(heads[1]["head.bias"], torch.zeros_like(heads[1]["head.bias"])), "the head did not train"

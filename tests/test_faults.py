@@ -28,9 +28,9 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UN
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from transfer_study import models, serve, tracking, train
+from transfer_study import checkpoints, checksums, client, models, serve, tracking, train
 from transfer_study.config import UserError
-from transfer_study.train import Cell
+from transfer_study.cells import Cell
 
 CLI = [sys.executable, "-m", "transfer_study.cli"]
 
@@ -197,8 +197,8 @@ def test_resume_logs_the_epochs_the_store_missed(tracking_uri, capsys):
     history = [dict(epoch=e, train_loss=1.0 / e, train_acc=0.5, val_loss=1.0, val_acc=0.1 * e, seconds=1.0)
                for e in (1, 2, 3)]
     for row in history[:2]:  # the process died after saving epoch 3, before logging it
-        tracker.log_metrics(train._epoch_metrics(row), step=row["epoch"])
-    train._log_missing_epochs(tracker, history, Cell("resnet18", "scratch", 0))
+        tracker.log_metrics(tracking.epoch_metrics(row), step=row["epoch"])
+    tracker.log_missing_epochs(history, "resnet18-scratch-s0")
     tracker.finish()
     steps = [m.step for m in MlflowClient(tracking_uri).get_metric_history(tracker.run_id, "val_acc")]
     assert steps == [1, 2, 3]
@@ -212,12 +212,12 @@ def test_resume_logs_the_epochs_the_store_missed(tracking_uri, capsys):
 
 def test_checkpoint_with_a_flipped_byte_is_reported_not_loaded(tmp_path):
     path = tmp_path / "best.pt"
-    digest = train.atomic_save({"model": {"w": torch.arange(1000.0)}, "epoch": 3}, path)
-    assert train.checksum_path(path).read_text().split() == [digest, "best.pt"]
-    assert train.load_checkpoint(path)["epoch"] == 3
+    digest = checkpoints.atomic_save({"model": {"w": torch.arange(1000.0)}, "epoch": 3}, path)
+    assert checkpoints.checksum_path(path).read_text().split() == [digest, "best.pt"]
+    assert checkpoints.load_checkpoint(path)["epoch"] == 3
     flip_byte(path)
     with pytest.raises(UserError, match="checksum mismatch") as error:
-        train.load_checkpoint(path)
+        checkpoints.load_checkpoint(path)
     assert str(path) in str(error.value) and "corrupt" in str(error.value)
 
 
@@ -225,7 +225,7 @@ def test_checkpoint_without_its_checksum_is_not_trusted(tmp_path):
     path = tmp_path / "last.pt"
     torch.save({"model": {}}, path)  # written by something other than atomic_save
     with pytest.raises(UserError, match="no checksum file"):
-        train.load_checkpoint(path)
+        checkpoints.load_checkpoint(path)
 
 
 def test_resume_state_and_best_checkpoint_are_verified_before_use(project_with_manifest, tracking_uri):
@@ -233,11 +233,11 @@ def test_resume_state_and_best_checkpoint_are_verified_before_use(project_with_m
     params = tiny_params(epochs=2)
     cell = Cell("resnet18", "scratch", 0)
     manifest = pd.read_csv(root / "data/split/manifest.csv")
-    work = train.WorkDir(root / train.CHECKPOINT_DIR / f"{cell.name}-{train.result_fingerprint(params, cell, manifest)}")
+    work = checkpoints.WorkDir(root / checkpoints.CHECKPOINT_DIR / f"{cell.name}-{checkpoints.result_fingerprint(params, cell, manifest)}")
     weights = {"model": models.build_model("resnet18", 3, pretrained=False).state_dict(), "epoch": 1}
     state = {"epoch": 1, "best_epoch": 1, "best_sha256": None, "history": [], "run_id": None}
     work.save_epoch(state, best_weights=weights)
-    assert state["best_sha256"] == train.file_sha256(work.best_file(1))
+    assert state["best_sha256"] == checksums.file_sha256(work.best_file(1))
     work.check_best(work.load_state())
 
     flip_byte(work.best_file(1))
@@ -258,12 +258,12 @@ def project_with_manifest(tmp_path: Path) -> Path:
 def _fill_disk_then_save(folder: Path) -> None:
     """Save a small checkpoint, then one larger than the disk at the same path; check the result."""
     path = folder / "last.pt"
-    train.atomic_save({"epoch": 1, "model": {"w": torch.ones(1000)}}, path)
+    checkpoints.atomic_save({"epoch": 1, "model": {"w": torch.ones(1000)}}, path)
     with pytest.raises(UserError) as error:
-        train.atomic_save({"epoch": 2, "model": {"w": torch.randn(1024 * 1024)}}, path)  # 4 MB
+        checkpoints.atomic_save({"epoch": 2, "model": {"w": torch.randn(1024 * 1024)}}, path)  # 4 MB
     message = str(error.value)
     assert str(path) in message and "free disk space" in message and "no space left" in message
-    assert train.load_checkpoint(path)["epoch"] == 1, "the previous checkpoint was damaged"
+    assert checkpoints.load_checkpoint(path)["epoch"] == 1, "the previous checkpoint was damaged"
     assert sorted(p.name for p in folder.iterdir()) == ["last.pt", "last.pt.sha256"], "temp files left behind"
 
 
@@ -290,7 +290,7 @@ def test_full_disk_via_dev_full_gives_a_clear_error(tmp_path, monkeypatch):
             return real_open("/dev/full", mode, *args, **kwargs)
         return real_open(file, mode, *args, **kwargs)
 
-    monkeypatch.setattr(train, "open", open_temp_on_full_disk, raising=False)
+    monkeypatch.setattr(checkpoints, "open", open_temp_on_full_disk, raising=False)
     _fill_disk_then_save(tmp_path)
 
 
@@ -309,7 +309,7 @@ def test_corrupt_model_artifact_fails_to_load_with_a_clear_message(tmp_path, tra
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "download")))
     config = json.loads(next(local.rglob("config.json")).read_text())
     weights = next(local.rglob("weights.pt"))
-    assert config["weights_sha256"] == train.file_sha256(weights)
+    assert config["weights_sha256"] == checksums.file_sha256(weights)
     mlflow.pyfunc.load_model(str(local))  # intact: loads
 
     flip_byte(weights)
@@ -335,7 +335,7 @@ def test_pyfunc_refuses_paths_and_urls(value, monkeypatch):
 def test_pyfunc_refuses_the_path_of_a_real_image(tmp_path):
     path = tmp_path / "shirt.png"
     Image.new("RGB", (8, 8), (200, 30, 30)).save(path)
-    assert len(serve.images_from_request(pd.DataFrame({"image": [serve.encode_file(path)]}))) == 1
+    assert len(serve.images_from_request(pd.DataFrame({"image": [client.encode_file(path)]}))) == 1
     with pytest.raises(serve.BadRequest, match="not valid base64|not a readable image"):
         serve.images_from_request(pd.DataFrame({"image": [str(path)]}))
 
@@ -368,8 +368,8 @@ def test_sigkill_mid_epoch_then_rerun_continues_the_same_run(tmp_path, tracking_
         first.kill()
     assert first.process.returncode == -signal.SIGKILL
     assert not any(f"epoch {EPOCHS}/{EPOCHS}" in line for line in first.lines), "killed too late to test a resume"
-    (state_file,) = (root / train.CHECKPOINT_DIR).glob("resnet18-scratch-s0-*/resume.pt")
-    assert train.load_checkpoint(state_file)["epoch"] == 1, "not killed during epoch 2"
+    (state_file,) = (root / checkpoints.CHECKPOINT_DIR).glob("resnet18-scratch-s0-*/resume.pt")
+    assert checkpoints.load_checkpoint(state_file)["epoch"] == 1, "not killed during epoch 2"
     client, run = single_run(tracking_uri)
     assert run.info.status == "RUNNING"  # SIGKILL leaves no chance to end it
 
@@ -382,8 +382,8 @@ def test_sigkill_mid_epoch_then_rerun_continues_the_same_run(tmp_path, tracking_
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(range(1, EPOCHS + 1))
     run_dir = root / "out" / "models" / "resnet18-scratch" / "s0"
     assert len(pd.read_csv(run_dir / "history.csv")) == EPOCHS
-    train.load_checkpoint(run_dir / "best.pt")  # verified against its checksum
-    assert not any((root / train.CHECKPOINT_DIR).glob("resnet18-*")), "resume state left after a finished run"
+    checkpoints.load_checkpoint(run_dir / "best.pt")  # verified against its checksum
+    assert not any((root / checkpoints.CHECKPOINT_DIR).glob("resnet18-*")), "resume state left after a finished run"
 
 
 def _free_port() -> int:

@@ -80,6 +80,12 @@ def test_dvc_repro_runs_every_stage_then_is_clean(tmp_path):
     metrics = _run([str(BIN / "dvc"), "metrics", "show"], root, env)
     assert "validation.json" in metrics.stdout and "metrics.json" in metrics.stdout
 
+    # The train stages depend only on what training runs: editing the HTTP client retrains nothing.
+    client = root / "src/transfer_study/client.py"
+    client.write_text(client.read_text() + "\n# an edit to the prediction client\n")
+    status = _run([str(BIN / "dvc"), "status", "train"], root, env)
+    assert "up to date" in status.stdout, status.stdout
+
     # A split param changes: only split and what depends on it run again.
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["split"]["seed"] = 1

@@ -22,8 +22,9 @@ import pytest
 from conftest import tiny_params
 from PIL import Image, ImageDraw
 
-from transfer_study import serve
-from transfer_study.train import Cell, train_cell
+from transfer_study import client
+from transfer_study.cells import Cell
+from transfer_study.train import train_cell
 
 COLOURS = {"blue": (30, 60, 200), "red": (210, 30, 30)}
 
@@ -174,7 +175,7 @@ def test_real_server_answers_and_survives_bad_requests(server, tmp_path):
 
     image = tmp_path / "red.png"
     _garment("red", 3).save(image)
-    frame = serve.predict_images(server, [image])
+    frame = client.predict_images(server, [image])
     assert frame["label"].tolist() == ["red"]
 
 
@@ -184,4 +185,4 @@ def test_predict_client_reports_an_unreachable_server(tmp_path):
     image = tmp_path / "x.png"
     _garment("red", 0).save(image)
     with pytest.raises(UserError, match="cannot reach"):
-        serve.predict_images(f"http://127.0.0.1:{_free_port()}", [image], timeout=5)
+        client.predict_images(f"http://127.0.0.1:{_free_port()}", [image], timeout=5)

@@ -13,9 +13,11 @@ import torch
 from conftest import make_split_project, tiny_params
 from mlflow.tracking import MlflowClient
 
-from transfer_study import models, train
+from transfer_study import imagestore, models, transforms
 from transfer_study.config import UserError
-from transfer_study.train import Cell, train_cell
+from transfer_study.cells import Cell
+from transfer_study.trainer import Trainer, loss_of
+from transfer_study.train import train_cell
 
 FAST_ARCHS = ("resnet18", "efficientnet_lite0")
 SLOW_ARCHS = ("vgg19", "inception_v3")
@@ -52,7 +54,7 @@ def _check_run(project: Path, tracking_uri: str, run_dir: Path, arch: str, condi
     np.testing.assert_allclose(predictions[["prob_0", "prob_1", "prob_2"]].sum(axis=1), 1.0, atol=1e-4)
     model = mlflow.pyfunc.load_model(info["model_uri"])
     sample = project / predictions["path"][0]
-    from transfer_study.serve import encode_file
+    from transfer_study.client import encode_file
 
     answer = model.predict(pd.DataFrame({"image": [encode_file(sample)]}))
     assert answer["label"][0] in info["class_names"]
@@ -77,14 +79,14 @@ def test_every_slow_cell_trains_and_logs(project, tracking_uri, use_torch_home, 
 
 def test_frozen_backbone_is_bit_identical_after_training(project, tracking_uri):
     params = tiny_params(epochs=2)
-    trainer = train.Trainer(params, Cell("efficientnet_lite0", "frozen", 0), 3, torch.device("cpu"))
+    trainer = Trainer(params, Cell("efficientnet_lite0", "frozen", 0), 3, torch.device("cpu"))
     before = {k: v.clone() for k, v in trainer.model.backbone.state_dict().items()}
     head_before = trainer.model.head.weight.detach().clone()
     assert all(p.requires_grad for p in trainer.model.head.parameters())
     optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert optimised == {id(p) for p in trainer.model.head.parameters()}
-    data = train.TrainingData(pd.read_csv(project / "data/split/manifest.csv"), project, 32, project / "cache")
-    loader = train.imagestore.batch_loader(data.source(data.rows("train")), 4, True, 0, 0, False)
+    data = imagestore.TrainingData(pd.read_csv(project / "data/split/manifest.csv"), project, 32, project / "cache")
+    loader = imagestore.batch_loader(data.source(data.rows("train")), 4, True, 0, 0, False)
     for _ in range(2):
         trainer.train_epoch(loader, None)
     after = trainer.model.backbone.state_dict()
@@ -108,7 +110,7 @@ def test_inception_trains_with_aux_loss_and_evaluates_on_main_output(use_torch_h
     net.train()
     outputs = net(images)
     assert isinstance(outputs, tuple) and outputs[0].shape == outputs[1].shape == (2, 3)
-    loss, logits = train.loss_of(outputs, labels, 0.4)
+    loss, logits = loss_of(outputs, labels, 0.4)
     expected = torch.nn.functional.cross_entropy(outputs[0], labels) + 0.4 * torch.nn.functional.cross_entropy(
         outputs[1], labels)
     assert torch.allclose(loss, expected) and logits is outputs[0]
@@ -123,7 +125,7 @@ def test_missing_weights_fail_before_training(project, tracking_uri, tmp_path, m
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_internet)
-    monkeypatch.setattr(train.TrainingData, "__init__", lambda *a, **k: pytest.fail("data was read before weights"))
+    monkeypatch.setattr(imagestore.TrainingData, "__init__", lambda *a, **k: pytest.fail("data was read before weights"))
     with pytest.raises(UserError) as error:
         _run_cell(project, tracking_uri, "resnet18", "frozen")
     assert models.weights_file("resnet18") in str(error.value)
@@ -133,7 +135,7 @@ def test_missing_weights_fail_before_training(project, tracking_uri, tmp_path, m
 
 
 def test_interrupted_run_resumes_the_same_mlflow_run(project, tracking_uri, monkeypatch):
-    original = train.Trainer.train_epoch
+    original = Trainer.train_epoch
     calls = {"n": 0}
 
     def interrupt_second_epoch(self, loader, progress):
@@ -142,7 +144,7 @@ def test_interrupted_run_resumes_the_same_mlflow_run(project, tracking_uri, monk
             raise KeyboardInterrupt
         return original(self, loader, progress)
 
-    monkeypatch.setattr(train.Trainer, "train_epoch", interrupt_second_epoch)
+    monkeypatch.setattr(Trainer, "train_epoch", interrupt_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         _run_cell(project, tracking_uri, "efficientnet_lite0", "scratch", epochs=3)
     client = MlflowClient(tracking_uri)
@@ -150,7 +152,7 @@ def test_interrupted_run_resumes_the_same_mlflow_run(project, tracking_uri, monk
     (first,) = client.search_runs([experiment.experiment_id])
     assert first.info.status == "KILLED"
 
-    monkeypatch.setattr(train.Trainer, "train_epoch", original)
+    monkeypatch.setattr(Trainer, "train_epoch", original)
     _, run_dir = _run_cell(project, tracking_uri, "efficientnet_lite0", "scratch", epochs=3)
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1 and runs[0].info.run_id == first.info.run_id
@@ -160,35 +162,18 @@ def test_interrupted_run_resumes_the_same_mlflow_run(project, tracking_uri, monk
     assert not list((project / "checkpoints").glob("*/resume.pt")), "resume state left after a finished run"
 
 
-def test_corrupt_checkpoint_is_reported_not_loaded(tmp_path):
-    bad = tmp_path / "last.pt"
-    bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="corrupt"):
-        train.load_checkpoint(bad)
-
-
-def test_cells_for_respects_exclude_and_filters():
-    params = tiny_params(architectures=("efficientnet_lite0", "resnet18"), exclude=("resnet18-frozen",),
-                         conditions=("scratch", "frozen"))
-    names = [c.name for c in train.cells_for(params)]
-    assert names == ["efficientnet_lite0-scratch-s0", "efficientnet_lite0-frozen-s0", "resnet18-scratch-s0"]
-    assert [c.name for c in train.cells_for(params, "resnet18", "frozen")] == []
-    with pytest.raises(UserError):
-        train.cells_for(params, "vgg19")
-
-
 def test_frozen_without_augmentation_trains_the_head_on_cached_features(project, tracking_uri, capsys):
     from transfer_study.config import AugmentParams
 
     params = tiny_params(epochs=2, augment=AugmentParams(rotation=0.0, translate=0.0, hflip=False))
-    trainer = train.Trainer(params, Cell("efficientnet_lite0", "frozen", 0), 3, torch.device("cpu"))
-    data = train.TrainingData(pd.read_csv(project / "data/split/manifest.csv"), project, 32, project / "cache")
-    loader = train.imagestore.batch_loader(data.source(data.rows("train")), 4, False, 0, 0, False)
+    trainer = Trainer(params, Cell("efficientnet_lite0", "frozen", 0), 3, torch.device("cpu"))
+    data = imagestore.TrainingData(pd.read_csv(project / "data/split/manifest.csv"), project, 32, project / "cache")
+    loader = imagestore.batch_loader(data.source(data.rows("train")), 4, False, 0, 0, False)
     features, labels = trainer.cached_features(loader)
     images, _ = next(iter(loader))
     with torch.no_grad():
         direct = trainer.model.forward_features(
-            train.imagestore.normalize(train.imagestore.to_model_input(images, torch.device("cpu"), False)))
+            transforms.normalize(transforms.to_model_input(images, torch.device("cpu"), False)))
     torch.testing.assert_close(features[: len(direct)], direct)
     assert labels.tolist() == data.labels[data.rows("train")].tolist()
 

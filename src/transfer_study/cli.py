@@ -112,7 +112,8 @@ def train(ctx: click.Context, arch: str | None, condition: str | None) -> None:
 
     Under `torchrun --nproc_per_node N -m transfer_study.cli train ...` each cell trains with DDP."""
     from .distributed import process_group
-    from .train import cells_for, train_cell
+    from .cells import cells_for
+    from .train import train_cell
 
     params = _params(ctx)
     cells = cells_for(params, arch, condition)
@@ -182,7 +183,7 @@ def pipeline(ctx: click.Context, skip_data: bool) -> None:
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def predict(url: str, images: tuple[Path, ...]) -> None:
     """Classify IMAGES with a running `mlflow models serve`."""
-    from .serve import predict_images
+    from .client import predict_images
 
     click.echo(predict_images(url, list(images)).to_string(index=False))
 

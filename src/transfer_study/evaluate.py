@@ -22,12 +22,12 @@ from scipy import stats
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score, roc_curve
 
 from .config import EvaluateParams, UserError
+from .runs import find_run_dirs, read_run_info
 
 SPLITS = ("train", "val", "test")
 # Scalar metrics, in the order tables show them; each has a batched twin in BATCH_METRICS.
 SCALAR_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auc_macro")
 EXACT_MCNEMAR_BELOW = 25  # b + c below this: exact binomial test; the chi-square approximation is poor
-RUN_JSON_KEYS = ("run_id", "architecture", "condition", "seed", "class_names", "model_uri")
 
 
 # --------------------------------------------------------------------------- plain metrics
@@ -238,28 +238,6 @@ def mcnemar(correct_a, correct_b) -> dict:
 
 
 # --------------------------------------------------------------------------- reading run folders
-
-
-def find_run_dirs(models_dir: Path) -> list[Path]:
-    """Run folders `<models_dir>/<arch>-<condition>/s<seed>/` that hold a run.json, sorted."""
-    run_dirs = sorted(p.parent for p in Path(models_dir).glob("*/s*/run.json"))
-    if not run_dirs:
-        raise UserError(f"no trained runs under '{models_dir}' (expected <arch>-<condition>/s<seed>/run.json); "
-                        f"run `dvc repro train` first")
-    return run_dirs
-
-
-def read_run_info(run_dir: Path) -> dict:
-    """run.json of a run folder, checked for the keys evaluation needs."""
-    path = Path(run_dir) / "run.json"
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read '{path}': {exc}; rerun `dvc repro train` for this run") from None
-    missing = [key for key in RUN_JSON_KEYS if key not in info]
-    if missing:
-        raise UserError(f"'{path}' lacks {', '.join(missing)}; rerun `dvc repro train` for this run")
-    return info
 
 
 def run_name(info: dict) -> str:

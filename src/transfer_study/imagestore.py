@@ -1,5 +1,5 @@
-"""The fast data path: decode and resize once into a memory-mapped uint8 store,
-then augment whole batches on the training device.
+"""The data of a cell: the split manifest's images decoded and resized once into a
+memory-mapped uint8 store, gathered in whole batches (augmentation: transforms.py).
 
 Decoding PNGs with PIL on every epoch is most of the cost of a standard recipe on
 small images; here each image is decoded once per (dataset, size) and cached, so
@@ -9,17 +9,17 @@ datasets larger than RAM still work.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 
-from .config import AugmentParams
-from .models import IMAGENET_MEAN, IMAGENET_STD
+from .config import UserError
+from .transforms import resize_to_input
 
 
 def store_key(paths: list[str], hashes: list[str], size: int) -> str:
@@ -28,14 +28,6 @@ def store_key(paths: list[str], hashes: list[str], size: int) -> str:
     for path, content_hash in zip(paths, hashes):
         digest.update(f"{path}\0{content_hash}\n".encode())
     return digest.hexdigest()[:16]
-
-
-def _decode_resized(path: Path, size: int) -> np.ndarray:
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
-        return np.asarray(img, dtype=np.uint8)
 
 
 def build_store(paths: list[Path], hashes: list[str], size: int, cache_dir: Path) -> np.ndarray:
@@ -54,7 +46,8 @@ def build_store(paths: list[Path], hashes: list[str], size: int, cache_dir: Path
 
     def fill(rows: range) -> None:
         for i in rows:
-            store[i] = _decode_resized(paths[i], size)
+            with Image.open(paths[i]) as img:
+                store[i] = resize_to_input(img, size)
 
     # Chunks, not a task per image: pool.map submits every task at once (~2 KB of heap each),
     # which would make memory grow with the dataset.
@@ -100,51 +93,47 @@ def batch_loader(
     )
 
 
-class GpuAugment(torch.nn.Module):
-    """Per-sample random rotation, translation and horizontal flip on a float batch.
+def shard_loader(source: BatchSource, shards: list[list[int]], num_workers: int,
+                 pin_memory: bool) -> torch.utils.data.DataLoader:
+    """A DataLoader yielding one whole uint8 batch per shard (a list of rows), in order."""
+    return torch.utils.data.DataLoader(source, sampler=shards, batch_size=None, num_workers=num_workers,
+                                       pin_memory=pin_memory)
 
-    kornia draws independent parameters for every image in the batch (torchvision's
-    v2 transforms would apply one draw to the whole batch tensor).
-    """
 
-    def __init__(self, params: AugmentParams):
-        super().__init__()
-        import kornia.augmentation as K
+class TrainingData:
+    """Stores and labels of the train and val (and all) rows, at one image size."""
 
-        steps = []
-        if params.hflip:
-            steps.append(K.RandomHorizontalFlip())
-        if params.rotation or params.translate:
-            steps.append(
-                K.RandomAffine(
-                    degrees=params.rotation,
-                    translate=(params.translate, params.translate) if params.translate else None,
-                    padding_mode="border",
-                    p=1.0,
-                )
+    def __init__(self, manifest: pd.DataFrame, root: Path, size: int, cache_dir: Path):
+        self.class_names = sorted(manifest["label"].unique())
+        index = {name: i for i, name in enumerate(self.class_names)}
+        self.manifest = manifest.reset_index(drop=True)
+        self.labels = self.manifest["label"].map(index).to_numpy()
+        paths = [root / p for p in self.manifest["path"]]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise UserError(
+                f"{len(missing)} image(s) in the manifest are missing, e.g. '{missing[0]}'; "
+                "rerun `dvc repro preprocess split`"
             )
-        self.steps = K.AugmentationSequential(*steps) if steps else torch.nn.Identity()
+        self.store = build_store(paths, list(self.manifest["sha256"]), size, cache_dir)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.steps(images)
+    def rows(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.manifest["split"].to_numpy() == split)
 
-
-def to_model_input(images_u8: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """uint8 (N,3,H,W) → float in [0,1] on the device (non-blocking from pinned memory)."""
-    images = images_u8.to(device, non_blocking=True).float().div_(255.0)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images
+    def source(self, rows: np.ndarray | None = None) -> BatchSource:
+        if rows is None:
+            return BatchSource(self.store, self.labels)
+        return BatchSource(_RowView(self.store, rows), self.labels[rows])
 
 
-@functools.lru_cache(maxsize=None)
-def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ImageNet mean/std on `device`, made once: a host-to-GPU copy per batch would wait for the GPU."""
-    return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
-            torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
+class _RowView:
+    """A subset of the store's rows, indexable like the store."""
 
+    def __init__(self, store: np.ndarray, rows: np.ndarray):
+        self.store, self.rows = store, rows
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """ImageNet mean/std normalisation, used in every condition so they differ only in init."""
-    mean, std = _mean_std(images.device)
-    return (images - mean) / std
+    def __getitem__(self, idx):
+        return self.store[self.rows[idx]]
+
+    def __len__(self) -> int:
+        return len(self.rows)

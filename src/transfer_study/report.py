@@ -19,7 +19,8 @@ from scipy import stats
 
 from .config import ARCHITECTURES, CONDITIONS, EvaluateParams, UserError
 from .evaluate import (BATCH_METRICS, bootstrap_distribution, classification_metrics, mcnemar,
-                       percentile_interval, read_predictions, read_run_info, split_arrays)
+                       percentile_interval, read_predictions, split_arrays)
+from .runs import read_run_info
 
 # Table 1 column → evaluate's metric name, in the study's column order (plus AUC).
 TABLE_METRICS = {"f1": "f1_macro", "accuracy": "accuracy", "precision": "precision_macro",

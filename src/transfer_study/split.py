@@ -134,3 +134,17 @@ def write_manifest(cropped: Path, manifest: Path, params: SplitParams) -> pd.Dat
         for row in excluded.sort_values(["sha256", "path"]).itertuples():
             print(f"  {row.path} ({row.label})")
     return written
+
+
+def read_manifest(path: Path) -> pd.DataFrame:
+    """The manifest written by `write_manifest`, checked for what training needs (UserError if not)."""
+    if not path.is_file():
+        raise UserError(f"split manifest '{path}' not found; run `dvc repro split` first")
+    manifest = pd.read_csv(path)
+    missing = {"path", "label", "split", "sha256"} - set(manifest.columns)
+    if missing:
+        raise UserError(f"manifest '{path}' lacks columns {sorted(missing)}; rerun `dvc repro split`")
+    for split in ("train", "val"):
+        if not (manifest["split"] == split).any():
+            raise UserError(f"manifest '{path}' has no '{split}' rows; check the split ratios in params.yaml")
+    return manifest

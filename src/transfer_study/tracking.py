@@ -14,6 +14,7 @@ store before the connection dropped logs nothing twice (the store ignores identi
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -218,6 +219,16 @@ class RunTracker:
         history = self._call(f"read {key} history", lambda: self.client.get_metric_history(self.run_id, key))
         return sorted(m.step for m in history)
 
+    def log_missing_epochs(self, history: list[dict], label: str) -> None:
+        """Log the finished epochs (rows with an `epoch` key) the store lacks: the process died
+        between saving its resume state and logging."""
+        logged = set(self.logged_steps("val_acc"))
+        for row in history:
+            if row["epoch"] not in logged:
+                print(f"[{label}] logging epoch {row['epoch']}'s metrics, which the tracking store lacks",
+                      file=sys.stderr, flush=True)
+                self.log_metrics(epoch_metrics(row), step=row["epoch"])
+
     def log_artifact(self, path: str) -> None:
         self._call("log artifact", lambda: self.client.log_artifact(self.run_id, path))
 
@@ -255,3 +266,57 @@ def _leave_active_run(mlflow, status: str) -> None:
             mlflow.end_run(status=status)
     except Exception:  # noqa: BLE001 - see the docstring
         pass
+
+
+def epoch_metrics(row: dict) -> dict[str, float]:
+    """An epoch's history row as MLflow metrics (the epoch is the step, not a metric)."""
+    return {k: v for k, v in row.items() if k != "epoch"}
+
+
+@dataclass(frozen=True)
+class CellRun:
+    """What a training cell's MLflow run is called and what it logs when it starts."""
+
+    experiment: str
+    run_name: str
+    params: dict[str, str]
+    tags: dict[str, str]
+
+
+def start_cell_run(tracking_uri: str, spec: CellRun, resume_run_id: str | None,
+                   resume_dir: Path) -> tuple[RunTracker, str]:
+    """Start the cell's MLflow run, or continue `resume_run_id` (an interrupted attempt's);
+    returns the tracker and the experiment id. Raises UserError naming `resume_dir` (the
+    resume state to delete) when that run cannot be continued."""
+    from mlflow.exceptions import MlflowException
+
+    experiment_id = ensure_experiment(tracking_uri, spec.experiment, artifact_location_for(tracking_uri))
+    try:
+        tracker = RunTracker.start(tracking_uri, experiment_id, spec.run_name, resume_run_id)
+    except MlflowException as exc:  # the run was deleted, or this is another store
+        if resume_run_id is None:
+            raise
+        raise UserError(f"cannot continue MLflow run {resume_run_id} of '{resume_dir}' in {tracking_uri} "
+                        f"({_short(exc)}); delete '{resume_dir}' to train the cell again") from None
+    tracker.add_params_and_tags(spec.params, spec.tags)
+    return tracker, experiment_id
+
+
+def git_commit(root: Path) -> str:
+    """The checked-out commit of `root`, or "unknown" outside git."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def dataset_hash(root: Path) -> str:
+    """The md5 DVC recorded for data/raw (data.dvc), so a run names its dataset version."""
+    import yaml
+
+    dvc_file = root / "data.dvc"
+    if dvc_file.is_file():
+        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
+        return str(outs[0].get("md5", "unknown"))
+    return "unknown"

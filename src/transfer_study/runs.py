@@ -1,0 +1,59 @@
+"""The run folder: what the train stage leaves for each cell, and the one place that knows its format.
+
+`<outputs>/models/<arch>-<condition>/s<seed>/`:
+- `best.pt`, `last.pt`: `{"model": state_dict, "epoch", "val_acc", "class_names"}`, each with a
+  `.sha256` beside it (checkpoints.py);
+- `run.json`: `{"run_id", "experiment_id", "run_name", "architecture", "condition", "seed",
+  "class_names", "image_size", "checkpoint" ("best"|"last"), "model_uri", "fingerprint"}`;
+- `history.csv`: one row per epoch (epoch, train_loss, train_acc, val_loss, val_acc, seconds);
+- `metrics.json`: best/last validation accuracy, epochs and training seconds (DVC metrics);
+- `predictions.csv`: the chosen checkpoint's predictions on every manifest row: `path, split,
+  label, pred, prob_0 … prob_{K-1}` (label/pred index into `class_names`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import UserError
+
+RUN_JSON = "run.json"
+RUN_JSON_KEYS = ("run_id", "experiment_id", "run_name", "architecture", "condition", "seed", "class_names",
+                 "image_size", "checkpoint", "model_uri", "fingerprint")
+# What readers need; the other keys are written for people and MLflow.
+REQUIRED_KEYS = ("run_id", "architecture", "condition", "seed", "class_names", "model_uri")
+
+
+def run_dir_for(models_dir: Path, architecture: str, condition: str, seed: int) -> Path:
+    """`<models_dir>/<arch>-<condition>/s<seed>`: the folder of one cell's run."""
+    return Path(models_dir) / f"{architecture}-{condition}" / f"s{seed}"
+
+
+def write_run_info(run_dir: Path, info: dict) -> None:
+    """Write run.json; `info` must hold exactly RUN_JSON_KEYS."""
+    if set(info) != set(RUN_JSON_KEYS):
+        raise ValueError(f"run.json keys {sorted(info)} differ from {sorted(RUN_JSON_KEYS)}")
+    (Path(run_dir) / RUN_JSON).write_text(json.dumps({k: info[k] for k in RUN_JSON_KEYS}, indent=2))
+
+
+def find_run_dirs(models_dir: Path) -> list[Path]:
+    """Run folders `<models_dir>/<arch>-<condition>/s<seed>/` that hold a run.json, sorted."""
+    run_dirs = sorted(p.parent for p in Path(models_dir).glob(f"*/s*/{RUN_JSON}"))
+    if not run_dirs:
+        raise UserError(f"no trained runs under '{models_dir}' (expected <arch>-<condition>/s<seed>/{RUN_JSON}); "
+                        f"run `dvc repro train` first")
+    return run_dirs
+
+
+def read_run_info(run_dir: Path) -> dict:
+    """run.json of a run folder, checked for the keys readers need."""
+    path = Path(run_dir) / RUN_JSON
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read '{path}': {exc}; rerun `dvc repro train` for this run") from None
+    missing = [key for key in REQUIRED_KEYS if key not in info]
+    if missing:
+        raise UserError(f"'{path}' lacks {', '.join(missing)}; rerun `dvc repro train` for this run")
+    return info

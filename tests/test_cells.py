@@ -1,0 +1,19 @@
+"""Which cells params ask for."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tiny_params
+
+from transfer_study import cells
+from transfer_study.config import UserError
+
+
+def test_cells_for_respects_exclude_and_filters():
+    params = tiny_params(architectures=("efficientnet_lite0", "resnet18"), exclude=("resnet18-frozen",),
+                         conditions=("scratch", "frozen"))
+    names = [c.name for c in cells.cells_for(params)]
+    assert names == ["efficientnet_lite0-scratch-s0", "efficientnet_lite0-frozen-s0", "resnet18-scratch-s0"]
+    assert [c.name for c in cells.cells_for(params, "resnet18", "frozen")] == []
+    with pytest.raises(UserError):
+        cells.cells_for(params, "vgg19")

@@ -1,0 +1,53 @@
+"""One definition of the model's input: training (crops → store → batch) and serving (upload →
+crop → batch) give the model the same tensor for the same image file."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from transfer_study import imagestore, serve, transforms
+from transfer_study.config import PreprocessParams
+from transfer_study.data import open_rgb
+from transfer_study.preprocess import make_cropper, preprocess_dataset
+
+
+def _photo(path) -> None:
+    """A garment-like shape, off-centre on a plain background, not square: the crop matters."""
+    rng = np.random.default_rng(0)
+    img = Image.new("RGB", (90, 60), (20, 20, 24))
+    ImageDraw.Draw(img).rectangle((50, 10, 80, 50), fill=(200, 120, 40))
+    noisy = np.clip(np.asarray(img, dtype=np.int16) + rng.integers(-6, 7, (60, 90, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(noisy).save(path)
+
+
+def test_training_and_serving_give_the_model_the_same_input(tmp_path):
+    raw = tmp_path / "raw" / "jacket"
+    raw.mkdir(parents=True)
+    _photo(raw / "a.png")
+    params = PreprocessParams(cropper="foreground", size=64)
+    preprocess_dataset(tmp_path / "raw", tmp_path / "cropped", params)
+
+    size = 40
+    crop = tmp_path / "cropped" / "jacket" / "a.png"
+    store = imagestore.build_store([crop], ["x"], size, tmp_path / "stores")
+    batch, _ = imagestore.BatchSource(store, np.array([0]))[[0]]  # what a training epoch gathers
+    trained = transforms.model_input(batch, torch.device("cpu"))
+
+    classifier = serve.ImageClassifier()
+    classifier.preprocess, classifier.cropper, classifier.image_size = params, make_cropper(params), size
+    served = classifier.model_input([open_rgb(raw / "a.png")])
+
+    assert served.shape == trained.shape == (1, 3, size, size)
+    assert torch.equal(served, trained)
+    # The crop changed the picture: a whole-image resize would give another tensor.
+    uncropped = transforms.model_input(transforms.uint8_batch([open_rgb(raw / "a.png")], size), torch.device("cpu"))
+    assert not torch.equal(uncropped, trained)
+
+
+def test_normalize_uses_imagenet_statistics():
+    grey = torch.full((1, 3, 2, 2), 0.5)
+    out = transforms.normalize(grey)
+    expected = (0.5 - torch.tensor(transforms.IMAGENET_MEAN)) / torch.tensor(transforms.IMAGENET_STD)
+    assert torch.allclose(out[0, :, 0, 0], expected)
