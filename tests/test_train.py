@@ -86,7 +86,7 @@ def test_frozen_backbone_is_bit_identical_after_training(project, tracking_uri):
     optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert optimised == {id(p) for p in trainer.model.head.parameters()}
     data = imagestore.TrainingData(pd.read_csv(project / "data/split/manifest.csv"), project, 32, project / "cache")
-    loader = imagestore.batch_loader(data.source(data.rows("train")), 4, True, 0, 0, False)
+    loader = list(data.on_device(torch.device("cpu")).in_order(data.rows("train"), 4))
     for _ in range(2):
         trainer.train_epoch(loader, None)
     after = trainer.model.backbone.state_dict()
@@ -168,9 +168,9 @@ def test_frozen_without_augmentation_trains_the_head_on_cached_features(project,
     params = tiny_params(epochs=2, augment=AugmentParams(rotation=0.0, translate=0.0, hflip=False))
     trainer = Trainer(params, Cell("efficientnet_lite0", "frozen", 0), 3, torch.device("cpu"))
     data = imagestore.TrainingData(pd.read_csv(project / "data/split/manifest.csv"), project, 32, project / "cache")
-    loader = imagestore.batch_loader(data.source(data.rows("train")), 4, False, 0, 0, False)
-    features, labels = trainer.cached_features(loader)
-    images, _ = next(iter(loader))
+    batches = list(data.on_device(torch.device("cpu")).in_order(data.rows("train"), 4))
+    features, labels = trainer.cached_features(batches)
+    images, _ = batches[0]
     with torch.no_grad():
         direct = trainer.model.forward_features(
             transforms.normalize(transforms.to_model_input(images, torch.device("cpu"), False)))

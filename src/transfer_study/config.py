@@ -92,6 +92,7 @@ class TrainParams:
     weights_dir: str | None = None  # local folder of ImageNet weights under torchvision's file names
     num_workers: int = 2
     max_batches_per_epoch: int | None = None  # tests and smoke runs only
+    cuda_graphs: bool = True  # on one CUDA GPU, capture the training step once and replay it
 
 
 @dataclass(frozen=True)

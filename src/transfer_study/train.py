@@ -12,6 +12,8 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +26,10 @@ from .cells import Cell
 from .checkpoints import CHECKPOINT_DIR, WorkDir, atomic_save, copy_checkpoint, load_checkpoint, result_fingerprint
 from .config import Params, UserError, flatten_params
 from .distributed import SINGLE_PROCESS, World
-from .imagestore import TrainingData, batch_loader, shard_loader
+from .imagestore import DeviceImages, TrainingData
 from .runs import run_dir_for, write_run_info
 from .split import read_manifest
-from .trainer import Trainer, evaluate_loss
+from .trainer import PREDICT_BATCH, Trainer, evaluate_loss
 from .transforms import augments
 
 
@@ -66,6 +68,7 @@ def train_cell(params: Params, cell: Cell, root: Path, tracking_uri: str, world:
     before any training starts). Under torchrun every rank calls this; only rank 0 writes
     the run folder and the MLflow run.
     """
+    started = time.perf_counter()
     t = params.train
     size = t.image_size[cell.architecture]
     models.check_input_size(cell.architecture, size)
@@ -81,9 +84,14 @@ def train_cell(params: Params, cell: Cell, root: Path, tracking_uri: str, world:
     work = WorkDir(root / CHECKPOINT_DIR / f"{cell.name}-{fingerprint}")
 
     device = world.device(pick_device())
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its kernels once
     seed_everything(cell.seed)
     with world.main_first():  # rank 0 builds the image store; the others then read it
         data = TrainingData(manifest, root, size, root / CHECKPOINT_DIR / "stores")
+    images = data.on_device(device)
+    if device.type == "cuda" and not images.resident:
+        log(f"[{cell.name}] the image store does not fit in GPU memory: batches are copied from the host")
     trainer = Trainer(params, cell, len(data.class_names), device, world)
     state = work.load_state()
     if state is not None:
@@ -94,7 +102,7 @@ def train_cell(params: Params, cell: Cell, root: Path, tracking_uri: str, world:
         torch.manual_seed(cell.seed * 1_000_003 + world.rank * 10_007 + start_epoch)
 
     if not world.is_main:
-        _train_epochs(trainer, data, params, cell, start_epoch, recorder=None)
+        _train_epochs(trainer, images, data.rows("train"), params, cell, start_epoch, recorder=None)
         world.barrier()  # wait for rank 0 to finish the cell
         return run_dir
 
@@ -102,12 +110,15 @@ def train_cell(params: Params, cell: Cell, root: Path, tracking_uri: str, world:
                                         {"fingerprint": fingerprint, "image_size": size, "device": device,
                                          "num_train": len(data.rows("train"))})
     try:
-        val_loader = batch_loader(data.source(data.rows("val")), t.batch_size * 2, False, 0, 0,
-                                  device.type == "cuda")
-        recorder = EpochRecorder(trainer, work, tracker, val_loader, data.class_names, cell, t.epochs, state)
-        _train_epochs(trainer, data, params, cell, start_epoch, recorder)
-        summary = _finish_cell(trainer, data, params, cell, run_dir, work, tracker, recorder,
+        val_rows = data.rows("val")
+        recorder = EpochRecorder(trainer, work, tracker, lambda: images.in_order(val_rows, PREDICT_BATCH),
+                                 data.class_names, cell, t.epochs, state)
+        log(f"[{cell.name}] ready to train on {device} after {time.perf_counter() - started:.1f}s")
+        _train_epochs(trainer, images, data.rows("train"), params, cell, start_epoch, recorder)
+        finishing = time.perf_counter()
+        summary = _finish_cell(trainer, data, images, params, cell, run_dir, work, tracker, recorder,
                                {"experiment_id": experiment_id, "fingerprint": fingerprint, "image_size": size})
+        log(f"[{cell.name}] run folder written and model logged in {time.perf_counter() - finishing:.1f}s")
     except KeyboardInterrupt:
         log(f"[{cell.name}] interrupted; rerun the same command to resume from the last finished epoch")
         tracker.abandon("KILLED")
@@ -116,7 +127,8 @@ def train_cell(params: Params, cell: Cell, root: Path, tracking_uri: str, world:
         tracker.abandon("FAILED")
         raise
     world.barrier()
-    log(f"[{cell.name}] done: best val_acc={recorder.best_val:.4f}; run {summary['run_id']} → {run_dir}")
+    peak = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else ""
+    log(f"[{cell.name}] done: best val_acc={recorder.best_val:.4f}; run {summary['run_id']} → {run_dir}{peak}")
     return run_dir
 
 
@@ -153,9 +165,10 @@ class EpochRecorder:
     epoch, one after it resumes after the epoch and logs it then (RunTracker.log_missing_epochs).
     """
 
-    def __init__(self, trainer: Trainer, work: WorkDir, tracker: tracking.RunTracker, val_loader,
-                 class_names: list[str], cell: Cell, epochs: int, state: dict | None):
-        self.trainer, self.work, self.tracker, self.val_loader = trainer, work, tracker, val_loader
+    def __init__(self, trainer: Trainer, work: WorkDir, tracker: tracking.RunTracker,
+                 val_batches: Callable[[], Iterator], class_names: list[str], cell: Cell, epochs: int,
+                 state: dict | None):
+        self.trainer, self.work, self.tracker, self.val_batches = trainer, work, tracker, val_batches
         self.class_names, self.cell, self.epochs = class_names, cell, epochs
         self.history: list[dict] = list(state["history"]) if state else []
         self.best_val: float = state["best_val"] if state else -1.0
@@ -164,7 +177,7 @@ class EpochRecorder:
 
     def record(self, epoch: int, train_loss: float, train_acc: float, started: float) -> None:
         trainer = self.trainer
-        val_probs, val_labels = trainer.predict(self.val_loader)
+        val_probs, val_labels = trainer.predict(self.val_batches())
         val_loss, val_acc = evaluate_loss(val_probs, val_labels)
         row = dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc,
                    val_loss=val_loss, val_acc=val_acc, seconds=time.perf_counter() - started)
@@ -175,7 +188,9 @@ class EpochRecorder:
             best_weights = {"model": trainer.model.state_dict(), "epoch": epoch, "val_acc": val_acc,
                             "class_names": self.class_names}
         state = {"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
-                 "torch_rng": torch.get_rng_state(), "epoch": epoch, "best_val": self.best_val,
+                 "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state(trainer.device) if trainer.device.type == "cuda" else None,
+                 "epoch": epoch, "best_val": self.best_val,
                  "best_epoch": self.best_epoch, "best_sha256": self.best_sha256, "history": self.history,
                  "run_id": self.tracker.run_id}
         self.work.save_epoch(state, best_weights)
@@ -185,39 +200,71 @@ class EpochRecorder:
             f"val_loss={val_loss:.4f} val_acc={val_acc:.4f} ({row['seconds']:.1f}s)")
 
 
-def _train_epochs(trainer: Trainer, data: TrainingData, params: Params, cell: Cell, start_epoch: int,
-                  recorder: EpochRecorder | None) -> None:
+def _train_epochs(trainer: Trainer, images: DeviceImages, train_rows: np.ndarray, params: Params, cell: Cell,
+                  start_epoch: int, recorder: EpochRecorder | None) -> None:
     """Train epochs start_epoch..train.epochs on this rank; rank 0's recorder validates and records each."""
     t = params.train
-    pin = trainer.device.type == "cuda"
-    workers = t.num_workers if pin else 0  # on a 2-core CPU workers steal compute
-    train_rows = data.rows("train")
     feature_cache = None
     if start_epoch <= t.epochs and trainer.frozen and not augments(t.augment) and t.max_batches_per_epoch is None:
         # Without augmentation a frozen backbone sees the same images every epoch: compute once.
-        all_train = batch_loader(data.source(train_rows), t.batch_size * 2, False, 0, 0, pin)
-        feature_cache = trainer.cached_features(all_train)
+        feature_cache = trainer.cached_features(images.in_order(train_rows, PREDICT_BATCH))
         if recorder is not None:
             log(f"[{cell.name}] frozen backbone, no augmentation: training the head on cached features")
+    progress = CellProgress(cell.name, len(train_rows) * (t.epochs - start_epoch + 1), enabled=recorder is not None)
     for epoch in range(start_epoch, t.epochs + 1):
         started = time.perf_counter()
         # Every rank draws the same order from this seed and takes its own shard of each batch.
         order = torch.Generator().manual_seed(cell.seed * 100_003 + epoch)
-        with tqdm(total=len(train_rows), desc=f"{cell.name} epoch {epoch}/{t.epochs}", unit="img",
-                  disable=recorder is None or not _is_tty(), leave=False) as bar:
+        with progress.epoch(epoch, t.epochs, len(train_rows)) as bar:
             if feature_cache is not None:
                 train_loss, train_acc = trainer.train_head_epoch(*feature_cache, order, bar)
             else:
-                permutation = torch.randperm(len(train_rows), generator=order).tolist()
-                shards = distributed.shard_batches(permutation, t.batch_size, trainer.world)
-                loader = shard_loader(data.source(train_rows), shards, workers, pin)
-                train_loss, train_acc = trainer.train_epoch(loader, bar)
+                permutation = torch.randperm(len(train_rows), generator=order)
+                shards = distributed.shard_batches(train_rows[permutation.numpy()].tolist(), t.batch_size,
+                                                   trainer.world)
+                train_loss, train_acc = trainer.train_epoch(images.batches(shards), bar)
         if recorder is not None:
             recorder.record(epoch, train_loss, train_acc, started)
 
 
-def _finish_cell(trainer: Trainer, data: TrainingData, params: Params, cell: Cell, run_dir: Path, work: WorkDir,
-                 tracker: tracking.RunTracker, recorder: EpochRecorder, run_info: dict) -> dict:
+class CellProgress:
+    """Training progress: tqdm bars on a terminal; in a log (stderr not a terminal), one line at
+    least every LOG_EVERY_S seconds with the cell, epoch, images done and the time left."""
+
+    LOG_EVERY_S = 30.0
+
+    def __init__(self, name: str, total_images: int, enabled: bool):
+        self.name, self.total, self.enabled = name, max(total_images, 1), enabled
+        self.done, self.started, self.last_line = 0, time.perf_counter(), time.perf_counter()
+        self.label = ""
+
+    @contextmanager
+    def epoch(self, epoch: int, epochs: int, images: int):
+        self.label = f"epoch {epoch}/{epochs}"
+        if self.enabled and _is_tty():
+            with tqdm(total=images, desc=f"{self.name} {self.label}", unit="img", leave=False) as bar:
+                yield bar
+        else:
+            yield self if self.enabled else None
+
+    def update(self, images: int) -> None:
+        self.done += images
+        now = time.perf_counter()
+        if now - self.last_line >= self.LOG_EVERY_S:
+            self.last_line = now
+            log(progress_line(self.name, self.label, self.done, self.total, now - self.started))
+
+
+def progress_line(name: str, label: str, done: int, total: int, elapsed_s: float) -> str:
+    """`[cell] epoch 3/50: 2,520/63,000 images, 41s elapsed, about 16m 8s left`."""
+    left = elapsed_s / max(done, 1) * (total - done)
+    return (f"[{name}] {label}: {done:,}/{total:,} images, {elapsed_s:.0f}s elapsed, "
+            f"about {int(left // 60)}m {int(left % 60)}s left")
+
+
+def _finish_cell(trainer: Trainer, data: TrainingData, images: DeviceImages, params: Params, cell: Cell,
+                 run_dir: Path, work: WorkDir, tracker: tracking.RunTracker, recorder: EpochRecorder,
+                 run_info: dict) -> dict:
     """Write the run folder (checkpoints, predictions, history, run.json), log the model and
     finish the MLflow run, then remove the resume state. Returns run.json's content."""
     t = params.train
@@ -230,8 +277,7 @@ def _finish_cell(trainer: Trainer, data: TrainingData, params: Params, cell: Cel
                  "class_names": data.class_names}, last_path)
     chosen = best_path if t.checkpoint == "best" else last_path
     trainer.model.load_state_dict(load_checkpoint(chosen)["model"])
-    all_loader = batch_loader(data.source(), t.batch_size * 2, False, 0, 0, trainer.device.type == "cuda")
-    probs, labels = trainer.predict(all_loader)
+    probs, labels = trainer.predict(images.in_order(np.arange(len(images)), PREDICT_BATCH))
     predictions = pd.DataFrame({"path": data.manifest["path"], "split": data.manifest["split"],
                                 "label": labels, "pred": probs.argmax(1)})
     for k in range(probs.shape[1]):
