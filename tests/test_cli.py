@@ -6,7 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import yaml
 from conftest import REPO_ROOT
+from test_config import ISSUE_CASES
+
+from transfer_study.cli import main
 
 CLI = str(Path(sys.executable).parent / "transfer-study")
 
@@ -20,6 +25,23 @@ def test_missing_params_file_is_one_clear_line(tmp_path):
     assert result.returncode == 1
     assert "params file 'params.yaml' not found" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("text", ISSUE_CASES)
+def test_train_with_a_mistyped_param_stops_before_mlflow(tmp_path, monkeypatch, capsys, text):
+    """The real entry point: one `error:` line, exit 1, and no tracking store or run created."""
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    raw["train"].update(yaml.safe_load(text))
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the store would be ./mlflow.db
+    monkeypatch.setattr(sys, "argv", ["transfer-study", "--params", "bad.yaml", "train"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 1 and out == ""
+    assert err.splitlines() == [f"error: bad.yaml: {ISSUE_CASES[text]}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # no mlflow.db, mlruns or outputs
 
 
 def test_split_before_preprocess_says_what_to_run(tmp_path):
