@@ -167,3 +167,11 @@ def test_conda_yaml_carries_the_lock_pins():
     pip_section = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
     assert set(pip_section) == lock
     assert "torch==2.15.0" in lock and "torchvision==0.29.2" in lock
+
+
+def test_the_default_dataset_version_is_the_one_data_dvc_records(tmp_path):
+    """The report compares with the study only on this version: the constant must follow data.dvc."""
+    assert config.recorded_dataset_md5(REPO_ROOT) == config.DEFAULT_DATASET_MD5
+    assert config.recorded_dataset_md5(tmp_path) == "unknown"  # no data.dvc: not the default dataset
+    (tmp_path / "data.dvc").write_text("outs:\n- md5: 0123.dir\n  path: data/raw\n")
+    assert config.recorded_dataset_md5(tmp_path) == "0123.dir"

@@ -137,13 +137,13 @@ def evaluate(ctx: click.Context) -> None:
 @cli.command()
 @click.pass_context
 def report(ctx: click.Context) -> None:
-    """Table 1, Figure 1, paired tests and the side-by-side with the study (reports/)."""
+    """Table 1, Figure 1, paired tests and, on the study's data only, the side-by-side with the study (reports/)."""
     from .report import write_report
 
     params = _params(ctx)
     out = Path(params.paths.outputs)
     write_report(out / "evaluation", out / "models", out / "reports", Path("references/study_table1.csv"),
-                 params.evaluate)
+                 params.evaluate, is_study_data=config.recorded_dataset_md5(_root()) == config.DEFAULT_DATASET_MD5)
 
 
 @cli.command()

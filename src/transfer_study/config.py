@@ -23,6 +23,10 @@ ARCHITECTURES = ("resnet18", "vgg19", "inception_v3", "efficientnet_lite0")
 CONDITIONS = ("scratch", "frozen", "finetune")
 CROPPERS = ("none", "foreground", "cam")
 INCEPTION_MIN_SIZE = 75
+# The version DVC records in data.dvc for the default dataset (`transfer-study data fetch` with the
+# default data params writes the same bytes everywhere). Only runs on this version are compared
+# with the study's Table 1; any other data is "your data".
+DEFAULT_DATASET_MD5 = "6298280f42a1a76b2c1995959781ba9d.dir"
 
 
 class UserError(Exception):
@@ -393,6 +397,18 @@ def flatten_params(params: Params) -> dict[str, str]:
 
     walk("", params)
     return flat
+
+
+def recorded_dataset_md5(root: Path) -> str:
+    """The md5 DVC recorded for data/raw in root/data.dvc (the dataset's version); 'unknown' without one."""
+    dvc_file = Path(root) / "data.dvc"
+    if not dvc_file.is_file():
+        return "unknown"
+    try:
+        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
+    except (yaml.YAMLError, AttributeError) as exc:
+        raise ConfigError(f"'{dvc_file}' is not a DVC file ({exc}); restore it with `git checkout data.dvc`") from None
+    return str(outs[0].get("md5", "unknown"))
 
 
 def project_root() -> Path:
