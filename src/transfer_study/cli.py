@@ -55,13 +55,15 @@ def data_fetch(ctx: click.Context, dest: Path | None, source: Path | None) -> No
 
 @data.command("validate")
 @click.option("--strict", is_flag=True, help="Treat warnings as errors.")
+@click.option("--verbose", is_flag=True, help="List every conversion and upscaled image, per file.")
 @click.pass_context
-def data_validate(ctx: click.Context, strict: bool) -> None:
+def data_validate(ctx: click.Context, strict: bool, verbose: bool) -> None:
     """Check data/raw before anything trains; write the summary metric (paths.validation)."""
     from .data import validate_and_report
 
     params = _params(ctx)
-    validate_and_report(Path(params.paths.raw), Path(params.paths.validation), params.validate, strict=strict)
+    validate_and_report(Path(params.paths.raw), Path(params.paths.validation), params.validate, strict=strict,
+                        verbose=verbose, input_size=config.model_input_size(params.train))
 
 
 @cli.command()
