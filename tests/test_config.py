@@ -175,3 +175,6 @@ def test_the_default_dataset_version_is_the_one_data_dvc_records(tmp_path):
     assert config.recorded_dataset_md5(tmp_path) == "unknown"  # no data.dvc: not the default dataset
     (tmp_path / "data.dvc").write_text("outs:\n- md5: 0123.dir\n  path: data/raw\n")
     assert config.recorded_dataset_md5(tmp_path) == "0123.dir"
+    (tmp_path / "data.dvc").write_text("- not a dvc file\n")
+    with pytest.raises(ConfigError, match="data.dvc' is not a DVC file"):
+        config.recorded_dataset_md5(tmp_path)

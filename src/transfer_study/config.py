@@ -406,9 +406,9 @@ def recorded_dataset_md5(root: Path) -> str:
         return "unknown"
     try:
         outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
-    except (yaml.YAMLError, AttributeError) as exc:
+        return str(outs[0].get("md5", "unknown"))
+    except (yaml.YAMLError, AttributeError, KeyError, TypeError) as exc:
         raise ConfigError(f"'{dvc_file}' is not a DVC file ({exc}); restore it with `git checkout data.dvc`") from None
-    return str(outs[0].get("md5", "unknown"))
 
 
 def project_root() -> Path:

@@ -366,13 +366,11 @@ FETCH_OR_ADD = "run `transfer-study data fetch` or put images under {raw}/<class
 REEXPORT = "delete it or re-export it as PNG/JPEG/WebP"
 # What to_rgb does to each mode: (kind, words). RGB needs nothing; RGBA only loses its
 # transparency, reported on its own (an LA or P image can need both).
+_GRAY = ("grayscale", "grayscale copied to the three RGB channels")
+_PALETTE = ("palette", "palette colours expanded to RGB")
 _MODE_CONVERSIONS = {
-    "L": ("grayscale", "grayscale copied to the three RGB channels"),
-    "LA": ("grayscale", "grayscale copied to the three RGB channels"),
-    "La": ("grayscale", "grayscale copied to the three RGB channels"),
+    "L": _GRAY, "LA": _GRAY, "La": _GRAY, "P": _PALETTE, "PA": _PALETTE,
     "1": ("grayscale", "black-and-white (1-bit) copied to the three RGB channels"),
-    "P": ("palette", "palette colours expanded to RGB"),
-    "PA": ("palette", "palette colours expanded to RGB"),
     "CMYK": ("cmyk", "CMYK colours converted to RGB"),
     "F": ("float", "32-bit float gray clipped to 8 bits"),
     **{mode: ("16bit", f"16-bit gray ({mode}) scaled down to 8 bits") for mode in _SIXTEEN_BIT_MODES},
@@ -422,7 +420,7 @@ class _ImageCheck:
     pixel_hash: str | None = None
 
 
-def conversions(mode: str, transparent: bool) -> list[tuple[str, str]]:
+def _conversions(mode: str, transparent: bool) -> list[tuple[str, str]]:
     """What open_rgb does to a decoded image of this mode: (kind, words) per step; [] for plain RGB."""
     steps = []
     if mode not in ("RGB", "RGBA", "RGBa"):
@@ -432,7 +430,7 @@ def conversions(mode: str, transparent: bool) -> list[tuple[str, str]]:
     return steps
 
 
-def upscale_problem(name: str, width: int, height: int, input_size: int) -> Problem | None:
+def _upscale_problem(name: str, width: int, height: int, input_size: int) -> Problem | None:
     """An info for an image far smaller than the model input, with the size it is upscaled to; else None."""
     longer = max(width, height)
     if longer * UPSCALE_REPORT_FACTOR > input_size:
@@ -463,7 +461,7 @@ def _check_image(path: Path, label: str, min_side: int, input_size: int | None =
         problems.append(
             Problem("info", name, f"is a {image_format} file despite its name; read anyway", "re-export it as PNG", "format_mismatch")
         )
-    for kind, words in conversions(mode, transparent):
+    for kind, words in _conversions(mode, transparent):
         problems.append(Problem("info", name, words, "none needed", f"converted_{kind}"))
     if orientation != 1:
         problems.append(Problem("info", name, f"rotated per EXIF (orientation {orientation})", "none needed", "exif_rotated"))
@@ -475,7 +473,7 @@ def _check_image(path: Path, label: str, min_side: int, input_size: int | None =
                 "replace it with a larger image or delete it", "tiny",
             )
         )
-    if input_size and (upscaled := upscale_problem(name, width, height, input_size)):
+    if input_size and (upscaled := _upscale_problem(name, width, height, input_size)):
         problems.append(upscaled)
     digest = hashlib.sha256(f"{width}x{height}:".encode() + rgb.tobytes()).hexdigest()
     return _ImageCheck(path, label, problems, width, height, digest)
