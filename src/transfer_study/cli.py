@@ -55,13 +55,15 @@ def data_fetch(ctx: click.Context, dest: Path | None, source: Path | None) -> No
 
 @data.command("validate")
 @click.option("--strict", is_flag=True, help="Treat warnings as errors.")
+@click.option("--verbose", is_flag=True, help="List every conversion and upscaled image, per file.")
 @click.pass_context
-def data_validate(ctx: click.Context, strict: bool) -> None:
+def data_validate(ctx: click.Context, strict: bool, verbose: bool) -> None:
     """Check data/raw before anything trains; write the summary metric (paths.validation)."""
     from .data import validate_and_report
 
     params = _params(ctx)
-    validate_and_report(Path(params.paths.raw), Path(params.paths.validation), params.validate, strict=strict)
+    validate_and_report(Path(params.paths.raw), Path(params.paths.validation), params.validate, strict=strict,
+                        verbose=verbose, input_size=config.model_input_size(params.train))
 
 
 @cli.command()
@@ -138,13 +140,13 @@ def evaluate(ctx: click.Context) -> None:
 @cli.command()
 @click.pass_context
 def report(ctx: click.Context) -> None:
-    """Table 1, Figure 1, paired tests and the side-by-side with the study (reports/)."""
+    """Table 1, Figure 1, paired tests and, on the study's data only, the side-by-side with the study (reports/)."""
     from .report import write_report
 
     params = _params(ctx)
     out = Path(params.paths.outputs)
     write_report(out / "evaluation", out / "models", out / "reports", Path("references/study_table1.csv"),
-                 params.evaluate)
+                 params.evaluate, is_study_data=config.recorded_dataset_md5(_root()) == config.DEFAULT_DATASET_MD5)
 
 
 @cli.command()
