@@ -309,14 +309,3 @@ def git_commit(root: Path) -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def dataset_hash(root: Path) -> str:
-    """The md5 DVC recorded for data/raw (data.dvc), so a run names its dataset version."""
-    import yaml
-
-    dvc_file = root / "data.dvc"
-    if dvc_file.is_file():
-        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
-        return str(outs[0].get("md5", "unknown"))
-    return "unknown"

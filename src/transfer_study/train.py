@@ -24,7 +24,7 @@ from tqdm import tqdm
 from . import distributed, models, serve, tracking
 from .cells import Cell
 from .checkpoints import CHECKPOINT_DIR, WorkDir, atomic_save, copy_checkpoint, load_checkpoint, result_fingerprint
-from .config import Params, UserError, flatten_params
+from .config import Params, UserError, flatten_params, recorded_dataset_md5
 from .distributed import SINGLE_PROCESS, World
 from .imagestore import DeviceImages, TrainingData
 from .runs import run_dir_for, write_run_info
@@ -143,7 +143,7 @@ def _start_run(params: Params, cell: Cell, root: Path, tracking_uri: str, work: 
                                          "cell.seed": str(cell.seed), "cell.image_size": str(facts["image_size"]),
                                          "cell.fingerprint": facts["fingerprint"]},
         tags={"architecture": cell.architecture, "condition": cell.condition, "seed": str(cell.seed),
-              "git_commit": tracking.git_commit(root), "dataset_md5": tracking.dataset_hash(root),
+              "git_commit": tracking.git_commit(root), "dataset_md5": recorded_dataset_md5(root),
               "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
               "num_train_images": str(facts["num_train"])},
     )
