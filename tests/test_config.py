@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 from conftest import REPO_ROOT
@@ -73,3 +75,38 @@ def test_conda_yaml_carries_the_lock_pins():
     pip_section = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
     assert set(pip_section) == lock
     assert "torch==2.15.0" in lock and "torchvision==0.29.2" in lock
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        ({"repeats": 0}, "split.repeats"),
+        ({"repeats": 2.5}, "split.repeats"),
+        ({"repeats": True}, "split.repeats"),
+        ({"seed": -1}, "split.seed"),
+        ({"train_fractions": []}, "split.train_fractions"),
+        ({"train_fractions": 0.5}, "split.train_fractions"),
+        ({"train_fractions": [0.5, 0]}, "(0, 1]"),
+        ({"train_fractions": [1.5]}, "(0, 1]"),
+        ({"train_fractions": ["half"]}, "(0, 1]"),
+        ({"train_fractions": [0.5, 0.5]}, "twice"),
+    ],
+)
+def test_bad_split_repeats_or_fractions_name_the_param(tmp_path, change, fragment):
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    raw["split"].update(change)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        config.load_params(path)
+
+
+def test_split_repeats_and_fractions_default_to_the_study_and_load_from_yaml(tmp_path):
+    assert config.load_params(REPO_ROOT / "params.yaml").split == config.SplitParams()
+    assert config.SplitParams().repeats == 1 and config.SplitParams().train_fractions == (1.0,)
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    raw["split"].update({"repeats": 3, "train_fractions": [0.1, 0.25, 1]})
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    split = config.load_params(path).split
+    assert split.repeats == 3 and split.train_fractions == (0.1, 0.25, 1)
