@@ -35,11 +35,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .config import UserError
+from .config import CONDITIONS, UserError
 
 METRICS = ("test_accuracy", "test_f1_macro")
 RUN_COLUMNS = ("architecture", "condition", "seed", "repeat", "fraction", "train_per_class", *METRICS)
-PRETRAINED = ("frozen", "finetune")
+PRETRAINED = tuple(c for c in CONDITIONS if c != "scratch")  # frozen, finetune
 UNIT = ["seed", "repeat"]
 BETTER, WORSE, UNCLEAR, SINGLE = "better", "worse", "not distinguishable", "single run"
 EXACT_UP_TO = 16  # pairs: 2^16 sign patterns enumerate in milliseconds; beyond, sample that many
