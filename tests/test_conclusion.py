@@ -90,7 +90,7 @@ def test_scratch_never_catches_up_within_the_sizes():
     assert ("Over 21 to 210 training images per class, scratch does not catch up: finetune is ahead on average at "
             "every size and clearly ahead at the largest.") in paragraph
     assert "The study did not run finetune" in paragraph
-    assert "It does not catch up within the sizes tried for resnet18 vs finetune." in section(text, "Overall")
+    assert "Scratch does not catch up within the sizes tried for resnet18 vs finetune." in section(text, "Overall")
 
 
 def test_undetermined_and_not_behind_curves_claim_no_catch_up_size():

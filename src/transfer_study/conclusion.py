@@ -143,7 +143,7 @@ def study_sentence(acc: pd.Series, study: pd.DataFrame, arch: str, condition: st
     agrees = {BETTER: "We confirm the direction: pretrained is better.",
               WORSE: "We find the opposite direction."}.get(acc["verdict"], "We cannot confirm that direction.")
     if acc["low"] <= theirs <= acc["high"]:
-        where = f"lies inside our {confidence:.0%} interval: the sizes agree."
+        where = f"lies inside our {confidence:.0%} interval: the two gaps agree within our uncertainty."
     elif theirs > acc["high"]:
         where = f"lies above our {confidence:.0%} interval: pretrained gains less here than in the study."
     else:
@@ -197,7 +197,7 @@ def overall_paragraph(paired: pd.DataFrame, catch: pd.DataFrame, study: pd.DataF
             for r in caught.itertuples()) + ".")
     never = catch[catch["status"] == NEVER]
     if len(never):
-        sentences.append("It does not catch up within the sizes tried for " + ", ".join(
+        sentences.append("Scratch does not catch up within the sizes tried for " + ", ".join(
             f"{r.architecture} vs {SHORT[r.pretrained]}" for r in never.itertuples()) + ".")
     if not (paired["verdict"].isin([BETTER, WORSE])).any():
         sentences.append("Nothing here establishes that either choice is better.")
