@@ -178,3 +178,38 @@ def test_the_default_dataset_version_is_the_one_data_dvc_records(tmp_path):
     (tmp_path / "data.dvc").write_text("- not a dvc file\n")
     with pytest.raises(ConfigError, match="data.dvc' is not a DVC file"):
         config.recorded_dataset_md5(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        ({"repeats": 0}, "split.repeats"),
+        ({"repeats": 2.5}, "split.repeats"),
+        ({"repeats": True}, "split.repeats"),
+        ({"seed": -1}, "split.seed"),
+        ({"train_fractions": []}, "split.train_fractions"),
+        ({"train_fractions": 0.5}, "split.train_fractions"),
+        ({"train_fractions": [0.5, 0]}, "(0, 1]"),
+        ({"train_fractions": [1.5]}, "(0, 1]"),
+        ({"train_fractions": ["half"]}, "split.train_fractions[0] = 'half' is a string"),
+        ({"train_fractions": [0.5, 0.5]}, "twice"),
+    ],
+)
+def test_bad_split_repeats_or_fractions_name_the_param(tmp_path, change, fragment):
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    raw["split"].update(change)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        config.load_params(path)
+
+
+def test_split_repeats_and_fractions_default_to_the_study_and_load_from_yaml(tmp_path):
+    assert config.load_params(REPO_ROOT / "params.yaml").split == config.SplitParams()
+    assert config.SplitParams().repeats == 1 and config.SplitParams().train_fractions == (1.0,)
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    raw["split"].update({"repeats": 3, "train_fractions": [0.1, 0.25, 1]})
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    split = config.load_params(path).split
+    assert split.repeats == 3 and split.train_fractions == (0.1, 0.25, 1)

@@ -72,6 +72,8 @@ class SplitParams:
     val: float = 0.15
     test: float = 0.15
     seed: int = 0
+    repeats: int = 1  # stratified splits; repeat 0 is the one split `seed` has always given
+    train_fractions: tuple[float, ...] = (1.0,)  # nested subsets of each repeat's train split (learning curve)
 
 
 @dataclass(frozen=True)
@@ -347,6 +349,7 @@ def _check(params: Params) -> None:
         raise ConfigError(
             f"split ratios train={s.train}, val={s.val}, test={s.test} must be positive and sum to 1"
         )
+    _check_split_repeats(s)
     p = params.preprocess
     if p.cropper not in CROPPERS:
         raise ConfigError(f"preprocess.cropper = {p.cropper!r}; choose from {', '.join(CROPPERS)}")
@@ -358,6 +361,22 @@ def _check(params: Params) -> None:
             f"preprocess.size = {p.size} is smaller than the largest train.image_size ({needed}); "
             f"store crops at least that large"
         )
+
+
+def _check_split_repeats(s: SplitParams) -> None:
+    """The seed, repeats and learning-curve fractions of the split section."""
+    if isinstance(s.seed, bool) or not isinstance(s.seed, int) or s.seed < 0:
+        raise ConfigError(f"split.seed = {s.seed!r}; use a non-negative integer")
+    if isinstance(s.repeats, bool) or not isinstance(s.repeats, int) or s.repeats < 1:
+        raise ConfigError(f"split.repeats = {s.repeats!r}; use an integer of at least 1 (1: the study's single split)")
+    fractions = s.train_fractions
+    if not isinstance(fractions, tuple) or not fractions:
+        raise ConfigError(f"split.train_fractions = {fractions!r}; give a list such as [0.25, 0.5, 1.0]")
+    for f in fractions:
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+            raise ConfigError(f"split.train_fractions: {f!r} is not a fraction of the train split; use numbers in (0, 1]")
+    if len(set(fractions)) < len(fractions):
+        raise ConfigError(f"split.train_fractions = {list(fractions)} lists a fraction twice; list each once")
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
