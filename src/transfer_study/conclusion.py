@@ -51,8 +51,7 @@ def size_text(value: float) -> str:
 def headline_rows(paired: pd.DataFrame, arch: str, condition: str) -> tuple[pd.Series, pd.Series]:
     """The accuracy and macro-F1 rows at the largest training size of one comparison."""
     rows = paired[(paired["architecture"] == arch) & (paired["pretrained"] == condition)]
-    largest = rows["train_per_class"].max()
-    at = rows[rows["train_per_class"] == largest].set_index("metric")
+    at = rows[rows["fraction"] == rows["fraction"].max()].set_index("metric")
     return at.loc[ACCURACY], at.loc[F1]
 
 

@@ -10,6 +10,7 @@ datasets larger than RAM still work.
 from __future__ import annotations
 
 import hashlib
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,7 +42,9 @@ def build_store(paths: list[Path], hashes: list[str], size: int, cache_dir: Path
     final = cache_dir / f"images-{size}px-{key}.npy"
     if final.exists():
         return np.load(final, mmap_mode="r")
-    partial = final.with_suffix(".partial.npy")
+    # Named per process: cells trained at once may build the same store, and a shared temp file
+    # truncated by one of them under another's memmap kills that process (SIGBUS).
+    partial = final.with_suffix(f".partial-{os.getpid()}.npy")
     store = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
 
     def fill(rows: range) -> None:
@@ -56,7 +59,7 @@ def build_store(paths: list[Path], hashes: list[str], size: int, cache_dir: Path
         list(pool.map(fill, chunks))
     store.flush()
     del store
-    partial.rename(final)
+    os.replace(partial, final)  # atomic: a reader sees the old store or the complete new one
     return np.load(final, mmap_mode="r")
 
 

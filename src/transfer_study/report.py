@@ -67,7 +67,8 @@ def read_runs_table(evaluation_dir: Path) -> pd.DataFrame:
     if not path.is_file():
         raise UserError(f"'{path}' not found; run `dvc repro evaluate` first")
     runs = pd.read_csv(path)
-    missing = [c for c in ("run", "architecture", "condition", "seed", "run_dir") if c not in runs.columns]
+    missing = [c for c in ("run", "architecture", "condition", "seed", "repeat", "fraction", "run_dir")
+               if c not in runs.columns]
     if missing or runs.empty:
         raise UserError(f"'{path}' lacks runs or column(s) {', '.join(missing)}; rerun `dvc repro evaluate`")
     return runs
@@ -442,7 +443,9 @@ def write_report(evaluation_dir: Path, models_dir: Path, reports_dir: Path, stud
     (config.DEFAULT_DATASET_MD5). Otherwise, or when the runs' classes are not the study's, the
     report says "your data" and compares nothing with the study.
     """
-    runs = read_runs_table(evaluation_dir)
+    all_runs = read_runs_table(evaluation_dir)
+    # Table 1, its pairs and McNemar compare runs on one test set: the study's split at full size.
+    runs = all_runs[(all_runs["repeat"] == 0) & (all_runs["fraction"] == 1.0)]
     test_sets = read_test_sets(runs, models_dir)
     class_names = sorted({c for t in test_sets.values() for c in t.class_names})
     # data.dvc left at the default version after data/raw was replaced must not bring the study in.
@@ -467,3 +470,36 @@ def write_report(evaluation_dir: Path, models_dir: Path, reports_dir: Path, stud
     tests.to_csv(reports_dir / "mcnemar.csv", index=False)
     (reports_dir / "mcnemar.md").write_text(mcnemar_markdown(tests))
     figure1(table, test_sets, runs, study, params.confidence).savefig(reports_dir / "figure1.png", dpi=120)
+    write_repeated_analysis(all_runs, reports_dir, study, params.confidence)
+
+
+def write_repeated_analysis(runs: pd.DataFrame, reports_dir: Path, study: pd.DataFrame | None,
+                            confidence: float) -> None:
+    """Across seeds, splits and training sizes: across_runs.md/.csv (mean and t-interval per cell
+    and size), learning_curve.csv/.png (accuracy against training images per class) and
+    conclusion.md, the written answer (analysis.py, curves.py, conclusion.py)."""
+    from .analysis import cell_summary
+    from .conclusion import write_conclusion
+    from .curves import curve_points, save_curve_figure, write_curve_csv
+
+    summary = cell_summary(runs, confidence)
+    summary.to_csv(reports_dir / "across_runs.csv", index=False)
+    (reports_dir / "across_runs.md").write_text(across_runs_markdown(summary, confidence))
+    points = curve_points(runs, confidence)
+    write_curve_csv(points, reports_dir / "learning_curve.csv")
+    save_curve_figure(points, reports_dir / "learning_curve.png", confidence)
+    write_conclusion(runs, study, reports_dir / "conclusion.md", is_study_data=study is not None,
+                     confidence=confidence)
+
+
+def across_runs_markdown(summary: pd.DataFrame, confidence: float) -> str:
+    """The across-run table: each cell's mean test accuracy and macro-F1 over seeds × splits, per size."""
+    rows = [[f"{r.architecture}", f"{r.condition}", f"{r.train_per_class:g}", str(r.n_runs),
+             f"{fmt(r.test_accuracy)} [{fmt(r.test_accuracy_low)}, {fmt(r.test_accuracy_high)}]",
+             f"{fmt(r.test_f1_macro)} [{fmt(r.test_f1_macro_low)}, {fmt(r.test_f1_macro_high)}]"]
+            for r in summary.itertuples()]
+    header = ["model", "condition", "train images per class", "runs",
+              f"test accuracy [{confidence:.0%} t-interval over runs]", "test macro-F1 [interval]"]
+    return ("# Across seeds and splits\n\nEach run is one seed on one stratified split; the interval is a "
+            "t-interval over the runs (blank for a single run). See conclusion.md for the paired "
+            "comparison.\n\n" + markdown_table(header, rows) + "\n")

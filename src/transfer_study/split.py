@@ -26,6 +26,7 @@ from transfer_study.config import SplitParams, UserError
 
 SPLITS = ("train", "val", "test")
 EXCLUDED = "excluded"  # split value of rows left out because their content has two labels
+UNUSED = "unused"  # split value, in a cell's manifest, of training rows beyond its training fraction
 MANIFEST_COLUMNS = ["path", "label", "split", "sha256"]
 MIN_PER_CLASS = len(SPLITS)
 SPLIT_COLUMN = "split_r{repeat}"  # repeat 0 is the plain `split` column
@@ -175,6 +176,16 @@ def rows_for(manifest: pd.DataFrame, repeat: int, fraction: float) -> pd.DataFra
     n_train = rows[train].groupby("label")["sha256"].nunique()
     keep = rank < rows["label"].map(lambda label: subset_size(int(n_train.get(label, 0)), fraction))
     return rows[~train | keep.fillna(False).astype(bool)].reset_index(drop=True)
+
+
+def cell_manifest(manifest: pd.DataFrame, repeat: int, fraction: float) -> pd.DataFrame:
+    """Every manifest row (path, label, sha256) with the `split` one training cell uses (rows_for);
+    training rows left out by the fraction are marked UNUSED, so stores and predictions keep
+    every row while training and evaluation see only their own."""
+    chosen = rows_for(manifest, repeat, fraction).set_index("path")["split"]
+    cell = manifest[MANIFEST_COLUMNS].copy()
+    cell["split"] = manifest["path"].map(chosen).fillna(UNUSED)
+    return cell
 
 
 def train_images_per_class(rows: pd.DataFrame) -> float:

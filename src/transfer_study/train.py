@@ -22,13 +22,13 @@ import torch
 from tqdm import tqdm
 
 from . import distributed, models, serve, tracking
-from .cells import Cell
+from .cells import Cell, runs_per_group
 from .checkpoints import CHECKPOINT_DIR, WorkDir, atomic_save, copy_checkpoint, load_checkpoint, result_fingerprint
 from .config import Params, UserError, flatten_params, recorded_dataset_md5
 from .distributed import SINGLE_PROCESS, World
 from .imagestore import DeviceImages, TrainingData
 from .runs import run_dir_for, write_run_info
-from .split import read_manifest
+from .split import cell_manifest, read_manifest, train_images_per_class
 from .trainer import PREDICT_BATCH, Trainer, evaluate_loss
 from .transforms import augments
 
@@ -78,9 +78,9 @@ def train_cell(params: Params, cell: Cell, root: Path, tracking_uri: str, world:
             models.resolve_weights(cell.architecture, Path(t.weights_dir) if t.weights_dir else None)
 
     serve.requirements()  # versions the logged model pins: read now, not after the last epoch
-    manifest = read_manifest(root / params.paths.manifest)
+    manifest = cell_manifest(read_manifest(root / params.paths.manifest), cell.repeat, cell.fraction)
     fingerprint = result_fingerprint(params, cell, manifest)
-    run_dir = run_dir_for(root / params.paths.outputs / "models", cell.architecture, cell.condition, cell.seed)
+    run_dir = run_dir_for(root / params.paths.outputs / "models", cell.group, cell.variant)
     work = WorkDir(root / CHECKPOINT_DIR / f"{cell.name}-{fingerprint}")
 
     device = world.device(pick_device())
@@ -108,7 +108,8 @@ def train_cell(params: Params, cell: Cell, root: Path, tracking_uri: str, world:
 
     tracker, experiment_id = _start_run(params, cell, root, tracking_uri, work, state,
                                         {"fingerprint": fingerprint, "image_size": size, "device": device,
-                                         "num_train": len(data.rows("train"))})
+                                         "num_train": len(data.rows("train")),
+                                         "train_per_class": train_images_per_class(manifest)})
     try:
         val_rows = data.rows("val")
         recorder = EpochRecorder(trainer, work, tracker, lambda: images.in_order(val_rows, PREDICT_BATCH),
@@ -141,14 +142,18 @@ def _start_run(params: Params, cell: Cell, root: Path, tracking_uri: str, work: 
         experiment=params.tracking.experiment, run_name=cell.name,
         params=flatten_params(params) | {"cell.architecture": cell.architecture, "cell.condition": cell.condition,
                                          "cell.seed": str(cell.seed), "cell.image_size": str(facts["image_size"]),
+                                         "cell.repeat": str(cell.repeat), "cell.fraction": str(cell.fraction),
                                          "cell.fingerprint": facts["fingerprint"]},
         tags={"architecture": cell.architecture, "condition": cell.condition, "seed": str(cell.seed),
+              "split_repeat": str(cell.repeat), "train_fraction": str(cell.fraction),
+              "train_per_class": f"{facts['train_per_class']:g}",
               "git_commit": tracking.git_commit(root), "dataset_md5": recorded_dataset_md5(root),
               "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
               "num_train_images": str(facts["num_train"])},
     )
     run_id = state["run_id"] if state else work.read_run_id()
-    tracker, experiment_id = tracking.start_cell_run(tracking_uri, spec, run_id, work.path)
+    parent = cell.group if runs_per_group(params) > 1 else None  # nested under one row per study cell
+    tracker, experiment_id = tracking.start_cell_run(tracking_uri, spec, run_id, work.path, parent)
     work.write_run_id(tracker.run_id)
     if state is not None:
         log(f"[{cell.name}] resuming MLflow run {tracker.run_id} from epoch {state['epoch'] + 1} "
@@ -291,7 +296,8 @@ def _finish_cell(trainer: Trainer, data: TrainingData, images: DeviceImages, par
     summary = {
         "run_id": tracker.run_id, "experiment_id": run_info["experiment_id"], "run_name": cell.name,
         "architecture": cell.architecture, "condition": cell.condition, "seed": cell.seed,
-        "class_names": data.class_names, "image_size": run_info["image_size"], "checkpoint": t.checkpoint,
+        "repeat": cell.repeat, "fraction": cell.fraction,
+        "train_per_class": train_images_per_class(data.manifest), "class_names": data.class_names, "image_size": run_info["image_size"], "checkpoint": t.checkpoint,
         "model_uri": model_info.model_uri, "fingerprint": run_info["fingerprint"],
     }
     write_run_info(run_dir, summary)
