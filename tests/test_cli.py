@@ -95,3 +95,19 @@ def test_validate_verbose_lists_conversions_and_the_size_images_are_upscaled_to(
     assert "INFO: data/raw/b/thumb.png: grayscale copied to the three RGB channels" in out
     assert "INFO: data/raw/b/thumb.png: 28x28 is far below the model's 299 px input: upscaled at least 10.7x" in out
     assert out.count("upscaled") == 1  # 200x150 is within 2x of 299 px
+
+
+def test_an_excluded_cell_leaves_a_note_for_dvc(tmp_path, monkeypatch, capsys):
+    """dvc.yaml's train matrix runs every (arch, condition): an excluded one writes its out folder
+    with a note, so DVC finds the out, and evaluate finds no run in it."""
+    from transfer_study.runs import EXCLUDED_NOTE
+
+    (tmp_path / "params.quick.yaml").write_text((REPO_ROOT / "params.quick.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["transfer-study", "--params", "params.quick.yaml", "train",
+                                      "--arch", "resnet18", "--condition", "frozen"])
+    main()
+    note = tmp_path / "outputs/quick/models/resnet18-frozen" / EXCLUDED_NOTE
+    assert "resnet18-frozen is listed in train.exclude of params.quick.yaml" in note.read_text()
+    assert capsys.readouterr().out.strip() == note.read_text().strip()
+    assert sorted(p.name for p in note.parent.iterdir()) == [EXCLUDED_NOTE]

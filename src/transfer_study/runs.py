@@ -11,6 +11,10 @@
 - `metrics.json`: best/last validation accuracy, epochs and training seconds (DVC metrics);
 - `predictions.csv`: the chosen checkpoint's predictions on every manifest row: `path, split,
   label, pred, prob_0 … prob_{K-1}` (label/pred index into `class_names`).
+
+A cell listed in train.exclude has a folder `<outputs>/models/<arch>-<condition>/` holding only
+EXCLUDED.txt, a line that says why (a DVC matrix stage must leave its out; readers skip it, since it
+has no run.json).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 from .config import UserError
 
 RUN_JSON = "run.json"
+EXCLUDED_NOTE = "EXCLUDED.txt"
 RUN_JSON_KEYS = ("run_id", "experiment_id", "run_name", "architecture", "condition", "seed", "repeat",
                  "fraction", "train_per_class", "class_names", "image_size", "checkpoint", "model_uri",
                  "fingerprint")
@@ -31,6 +36,15 @@ REQUIRED_KEYS = ("run_id", "architecture", "condition", "seed", "class_names", "
 def run_dir_for(models_dir: Path, group: str, variant: str) -> Path:
     """`<models_dir>/<arch>-<condition>/<variant>`: the folder of one cell's run (cells.Cell names both)."""
     return Path(models_dir) / group / variant
+
+
+def write_excluded_note(models_dir: Path, group: str, reason: str) -> Path:
+    """The folder of an excluded cell `group` (`<arch>-<condition>`), holding only a note with reason."""
+    folder = Path(models_dir) / group
+    folder.mkdir(parents=True, exist_ok=True)
+    note = folder / EXCLUDED_NOTE
+    note.write_text(reason.rstrip("\n") + "\n")
+    return note
 
 
 def write_run_info(run_dir: Path, info: dict) -> None:
