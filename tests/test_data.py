@@ -516,8 +516,11 @@ def test_open_rgb_names_the_bad_file(tmp_path):
     truncated.write_bytes(png_bytes(random_rgb(1))[:300])
     with pytest.raises(UserError, match="cut.png"):
         open_rgb(truncated)
-    with pytest.raises(UserError, match="not a readable image"):
+    with pytest.raises(UserError, match=r"^the file is not an image \(PNG, JPEG or WebP\) Pillow can read") as bytes_error:
         open_rgb(b"garbage")
+    assert "BytesIO" not in str(bytes_error.value)
+    with pytest.raises(UserError, match=r"^'.*notes.jpg' is not an image \(PNG, JPEG or WebP\) Pillow can read"):
+        open_rgb(text)
 
 
 def png_header_only(width: int, height: int) -> bytes:

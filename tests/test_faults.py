@@ -328,7 +328,7 @@ def _png_base64(size: int = 8) -> str:
                                    "http://example.com/shirt.png", "s3://bucket/key.png"])
 def test_pyfunc_refuses_paths_and_urls(value, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("fetched a URL"))
-    with pytest.raises(serve.BadRequest, match="row 0: .*(not valid base64|not a readable image)"):
+    with pytest.raises(serve.BadRequest, match="row 0: .*(not valid base64|not an image)"):
         serve.images_from_request(pd.DataFrame({"image": [value]}))
 
 
@@ -336,7 +336,7 @@ def test_pyfunc_refuses_the_path_of_a_real_image(tmp_path):
     path = tmp_path / "shirt.png"
     Image.new("RGB", (8, 8), (200, 30, 30)).save(path)
     assert len(serve.images_from_request(pd.DataFrame({"image": [client.encode_file(path)]}))) == 1
-    with pytest.raises(serve.BadRequest, match="not valid base64|not a readable image"):
+    with pytest.raises(serve.BadRequest, match="not valid base64|not an image"):
         serve.images_from_request(pd.DataFrame({"image": [str(path)]}))
 
 

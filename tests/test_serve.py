@@ -179,6 +179,36 @@ def test_real_server_answers_and_survives_bad_requests(server, tmp_path):
     assert frame["label"].tolist() == ["red"]
 
 
+@pytest.mark.slow
+def test_predict_names_the_file_the_server_refused(server, tmp_path, monkeypatch):
+    """A text file and a cut-short PNG: refused before sending, naming the file; and, when sent anyway,
+    the server's "row 1: ..." comes back naming the file, without MLflow's dump of the request."""
+    from transfer_study.config import UserError
+
+    good, text, broken = tmp_path / "red.png", tmp_path / "notes.png", tmp_path / "cut.png"
+    _garment("red", 1).save(good)
+    text.write_text("a shopping list, not a photo")
+    broken.write_bytes(good.read_bytes()[:100])
+    for bad, why in ((text, "is not an image (PNG, JPEG or WebP) Pillow can read"), (broken, "is corrupt or truncated")):
+        with pytest.raises(UserError) as checked:
+            client.predict_images(server, [good, bad])
+        assert str(checked.value).startswith(f"'{bad}' {why}")
+        with monkeypatch.context() as unchecked:
+            unchecked.setattr(client, "check_images", lambda images: None)
+            with pytest.raises(UserError) as refused:
+                client.predict_images(server, [good, bad])
+        message = str(refused.value)
+        assert message.startswith(f"the server at {server} refused '{bad}' (400): the file {why}"), message
+        assert "Failed to predict" not in message and "iVBOR" not in message and "row 1" not in message
+
+
+def test_importing_the_model_prints_no_warning():
+    """Training, serving and loading import serve.py; MLflow's type-hint advice does not apply to it."""
+    result = subprocess.run([sys.executable, "-W", "default", "-c", "import transfer_study.serve"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr == ""
+
+
 def test_predict_client_reports_an_unreachable_server(tmp_path):
     from transfer_study.config import UserError
 

@@ -259,11 +259,11 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def _describe(source: Path | bytes | BinaryIO) -> str:
-    """How to name the source in an error message."""
+    """How to name the source in an error message ("the file" for bytes: the server says which row)."""
     if isinstance(source, (str, Path)):
         return f"'{source}'"
     name = getattr(source, "name", None)
-    return f"'{name}'" if isinstance(name, str) else "the data"
+    return f"'{name}'" if isinstance(name, str) else "the file"
 
 
 def open_lazily(source: Path | bytes | BinaryIO, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -271,6 +271,9 @@ def open_lazily(source: Path | bytes | BinaryIO, max_pixels: int | None = DEFAUL
     fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
     try:
         image = Image.open(fp)
+    except UnidentifiedImageError:  # its message names the stream object (<_io.BytesIO object at 0x…>)
+        raise UserError(f"{_describe(source)} is not an image (PNG, JPEG or WebP) Pillow can read; "
+                        f"use a JPEG, PNG or WebP file") from None
     except _DECODE_ERRORS as exc:
         raise UserError(f"{_describe(source)} is not a readable image ({exc}); use a JPEG, PNG or WebP file") from None
     width, height = image.size
