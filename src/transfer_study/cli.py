@@ -113,21 +113,25 @@ def train(ctx: click.Context, arch: str | None, condition: str | None) -> None:
     """Train the cells (architecture × condition × seed); one MLflow run each.
 
     Under `torchrun --nproc_per_node N -m transfer_study.cli train ...` each cell trains with DDP."""
-    from .distributed import process_group
     from .cells import Cell, cells_for
-    from .runs import write_excluded_note
-    from .train import train_cell
 
     params = _params(ctx)
     cells = cells_for(params, arch, condition)
-    if not cells and arch and condition:
-        # dvc.yaml's matrix has a stage for every cell: leave its out, saying why it holds no run.
-        group = Cell(arch, condition, 0).group
-        reason = f"{group} is listed in train.exclude of {ctx.find_root().obj['params_path']}; nothing to train"
-        write_excluded_note(_root() / params.paths.outputs / "models", group, reason)
-        click.echo(reason)
-    elif not cells:
-        click.echo("every cell asked for is listed in train.exclude; nothing to train")
+    if not cells:
+        if arch and condition:
+            # dvc.yaml's matrix has a stage for every cell: leave its out, saying why it holds no run.
+            from .runs import write_excluded_note
+
+            group = Cell(arch, condition, 0).group
+            reason = f"{group} is listed in train.exclude of {ctx.find_root().obj['params_path']}; nothing to train"
+            write_excluded_note(_root() / params.paths.outputs / "models", group, reason)
+            click.echo(reason)
+        else:
+            click.echo("every cell asked for is listed in train.exclude; nothing to train")
+        return
+    from .distributed import process_group  # after the check: an excluded cell imports no torch
+    from .train import train_cell
+
     with process_group(config.launch_env()) as world:
         for cell in cells:
             train_cell(params, cell, _root(), config.tracking_uri(), world)
