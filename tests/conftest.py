@@ -119,7 +119,7 @@ def tiny_params(base=None, **train_overrides):
     base = base or Params()
     sizes = {"resnet18": 32, "vgg19": 32, "inception_v3": 75, "efficientnet_lite0": 32}
     train = dataclasses.replace(
-        TrainParams(), epochs=1, batch_size=4, image_size=sizes, num_workers=0, seeds=(0,),
+        TrainParams(), epochs=1, batch_size=4, image_size=sizes, num_workers=0, seeds=(0,), save_every_s=0.0,
         architectures=("resnet18", "vgg19", "inception_v3", "efficientnet_lite0"),
         conditions=("scratch", "frozen", "finetune"),
     )

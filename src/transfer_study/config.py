@@ -104,6 +104,7 @@ class TrainParams:
     num_workers: int = 2
     max_batches_per_epoch: int | None = None  # tests and smoke runs only
     cuda_graphs: bool = True  # on one CUDA GPU, capture the training step once and replay it
+    save_every_s: float = 60.0  # resume state (and MLflow's epoch metrics) at most this often; 0: every epoch
 
 
 @dataclass(frozen=True)
