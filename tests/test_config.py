@@ -21,6 +21,11 @@ def test_committed_profiles_load():
     assert quick.paths.outputs != study.paths.outputs
     assert quick.tracking.experiment != study.tracking.experiment
     assert quick.tracking.registered_model != study.tracking.registered_model
+    extensions = [config.load_params(REPO_ROOT / f"params.{name}.yaml") for name in ("robust", "tuned")]
+    names = {p.tracking.registered_model for p in (study, quick, *extensions)}
+    assert len(names) == 4, "each profile registers its own model"
+    assert extensions[0].split.repeats == 3 and len(extensions[0].train.seeds) == 5
+    assert extensions[1].train.schedule == "onecycle" and study.train.schedule == "constant"
 
 
 @pytest.mark.parametrize(

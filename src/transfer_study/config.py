@@ -21,6 +21,7 @@ import yaml
 
 ARCHITECTURES = ("resnet18", "vgg19", "inception_v3", "efficientnet_lite0")
 CONDITIONS = ("scratch", "frozen", "finetune")
+SCHEDULES = ("constant", "cosine", "onecycle")
 CROPPERS = ("none", "foreground", "cam")
 INCEPTION_MIN_SIZE = 75
 # The version DVC records in data.dvc for the default dataset (`transfer-study data fetch` with the
@@ -104,6 +105,8 @@ class TrainParams:
     num_workers: int = 2
     max_batches_per_epoch: int | None = None  # tests and smoke runs only
     cuda_graphs: bool = True  # on one CUDA GPU, capture the training step once and replay it
+    schedule: str = "constant"  # learning rate over training: constant (the study's), cosine or onecycle
+    label_smoothing: float = 0.0  # the study's plain cross-entropy; e.g. 0.1 for tuned profiles
     save_every_s: float = 60.0  # resume state (and MLflow's epoch metrics) at most this often; 0: every epoch
 
 
@@ -335,6 +338,10 @@ def _check(params: Params) -> None:
             f"train.image_size.inception_v3 = {t.image_size['inception_v3']}: Inception V3's auxiliary "
             "classifier needs 299 px; raise the size or set train.aux_logits: false"
         )
+    if t.schedule not in SCHEDULES:
+        raise ConfigError(f"train.schedule = {t.schedule!r}; choose from {', '.join(SCHEDULES)}")
+    if not 0 <= t.label_smoothing < 1:
+        raise ConfigError(f"train.label_smoothing = {t.label_smoothing}; use a value in [0, 1), e.g. 0.1")
     if t.checkpoint not in ("best", "last"):
         raise ConfigError(f"train.checkpoint = {t.checkpoint!r}; use 'best' or 'last'")
     for name in ("epochs", "batch_size"):

@@ -9,6 +9,7 @@ trains; only rank 0 writes files and talks to MLflow.
 from __future__ import annotations
 
 import json
+import math
 import random
 import sys
 import time
@@ -231,6 +232,10 @@ def _train_epochs(trainer: Trainer, images: DeviceImages, train_rows: np.ndarray
         feature_cache = trainer.cached_features(images.in_order(train_rows, PREDICT_BATCH))
         if recorder is not None:
             log(f"[{cell.name}] frozen backbone, no augmentation: training the head on cached features")
+    steps_per_epoch = math.ceil(len(train_rows) / t.batch_size)
+    if t.max_batches_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, t.max_batches_per_epoch)
+    trainer.set_schedule(steps_per_epoch, t.epochs, steps_done=(start_epoch - 1) * steps_per_epoch)
     progress = CellProgress(cell.name, len(train_rows) * (t.epochs - start_epoch + 1), enabled=recorder is not None)
     for epoch in range(start_epoch, t.epochs + 1):
         started = time.perf_counter()
