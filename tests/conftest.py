@@ -49,6 +49,11 @@ def make_split_project(root: Path, per_class: int = 6, size: int = 80, classes=(
     manifest = root / "data" / "split" / "manifest.csv"
     manifest.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(manifest, index=False)
+    # As the preprocess stage leaves them: the crops say how they were made (tiny_params' settings).
+    from transfer_study.config import PreprocessParams
+    from transfer_study.preprocess import write_crop_record
+
+    write_crop_record(root / "data" / "cropped", PreprocessParams(size=80), {"written": len(rows)})
     return manifest
 
 

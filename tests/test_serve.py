@@ -24,6 +24,8 @@ from PIL import Image, ImageDraw
 
 from transfer_study import client
 from transfer_study.cells import Cell
+from transfer_study.config import PreprocessParams
+from transfer_study.preprocess import write_crop_record
 from transfer_study.train import train_cell
 
 COLOURS = {"blue": (30, 60, 200), "red": (210, 30, 30)}
@@ -51,6 +53,7 @@ def _make_colour_project(root: Path, per_class: int = 8) -> None:
                          "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
     (root / "data" / "split").mkdir(parents=True)
     pd.DataFrame(rows).to_csv(root / "data" / "split" / "manifest.csv", index=False)
+    write_crop_record(root / "data" / "cropped", PreprocessParams(size=80), {"written": len(rows)})
 
 
 def _png_b64(img: Image.Image) -> str:

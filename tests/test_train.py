@@ -180,3 +180,17 @@ def test_frozen_without_augmentation_trains_the_head_on_cached_features(project,
     run_dir = train_cell(params, Cell("efficientnet_lite0", "frozen", 0), project, tracking_uri)
     assert "cached features" in capsys.readouterr().err
     assert len(pd.read_csv(run_dir / "history.csv")) == 2
+
+
+def test_crops_made_with_other_settings_stop_training_before_it_starts(project, tracking_uri):
+    """The crops record their cropper; a profile asking for another one is an error naming both,
+    not a model trained on one preprocessing and served with another."""
+    import dataclasses
+
+    params = tiny_params()
+    other = dataclasses.replace(params, preprocess=dataclasses.replace(params.preprocess, cropper="none"))
+    with pytest.raises(UserError) as error:
+        train_cell(other, Cell("resnet18", "scratch", 0), project, tracking_uri)
+    assert "cropper: crops 'foreground', profile 'none'" in str(error.value)
+    assert "dvc repro preprocess" in str(error.value)
+    assert not (project / "out").exists() and not (project / "checkpoints").exists()

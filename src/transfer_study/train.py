@@ -28,6 +28,7 @@ from .checkpoints import CHECKPOINT_DIR, WorkDir, atomic_save, copy_checkpoint, 
 from .config import Params, UserError, flatten_params, recorded_dataset_md5
 from .distributed import SINGLE_PROCESS, World
 from .imagestore import DeviceImages, TrainingData
+from .preprocess import check_crops_match
 from .runs import run_dir_for, write_run_info
 from .split import cell_manifest, read_manifest, train_images_per_class
 from .trainer import PREDICT_BATCH, Trainer, evaluate_loss
@@ -79,6 +80,8 @@ def train_cell(params: Params, cell: Cell, root: Path, tracking_uri: str, world:
             models.resolve_weights(cell.architecture, Path(t.weights_dir) if t.weights_dir else None)
 
     serve.requirements()  # versions the logged model pins: read now, not after the last epoch
+    # The crops on disk decide the preprocessing the model learns and the served model repeats.
+    check_crops_match(root / params.paths.cropped, params.preprocess)
     manifest = cell_manifest(read_manifest(root / params.paths.manifest), cell.repeat, cell.fraction)
     fingerprint = result_fingerprint(params, cell, manifest)
     run_dir = run_dir_for(root / params.paths.outputs / "models", cell.group, cell.variant)
