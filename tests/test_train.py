@@ -194,3 +194,40 @@ def test_crops_made_with_other_settings_stop_training_before_it_starts(project, 
     assert "cropper: crops 'foreground', profile 'none'" in str(error.value)
     assert "dvc repro preprocess" in str(error.value)
     assert not (project / "out").exists() and not (project / "checkpoints").exists()
+
+
+def test_a_cell_ends_with_a_logged_model_where_only_mlflow_skinny_is_installed(project, tracking_uri, monkeypatch):
+    """A training client often has mlflow-skinny, not mlflow: the model's requirements pin that one,
+    and the check happens before the first epoch rather than after the last."""
+    import importlib.metadata
+
+    real_version = importlib.metadata.version
+
+    def without_mlflow(name: str) -> str:
+        if name == "mlflow":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_version("mlflow") if name == "mlflow-skinny" else real_version(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", without_mlflow)
+    run_dir = train_cell(tiny_params(max_batches_per_epoch=1), Cell("resnet18", "scratch", 0), project,
+                         tracking_uri)
+    model_uri = json.loads((run_dir / "run.json").read_text())["model_uri"]
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(model_uri)).read_text()
+    assert f"mlflow-skinny=={real_version('mlflow')}" in requirements.splitlines()
+    assert not any(line.startswith("mlflow==") for line in requirements.splitlines())
+
+
+def test_a_missing_requirement_stops_the_cell_before_training(project, tracking_uri, monkeypatch):
+    import importlib.metadata
+
+    real_version = importlib.metadata.version
+
+    def without_kornia(name: str) -> str:
+        if name == "kornia":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_version(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", without_kornia)
+    with pytest.raises(UserError, match="kornia is not installed"):
+        train_cell(tiny_params(), Cell("resnet18", "scratch", 0), project, tracking_uri)
+    assert not (project / "checkpoints").exists(), "training started before the check"
