@@ -51,3 +51,18 @@ def test_validate_strict_fails_on_warnings_with_the_file_named(tmp_path):
     strict = _cli("data", "validate", "--strict", cwd=tmp_path)
     assert strict.returncode == 1 and "Traceback" not in strict.stderr
     assert "broken.jpg" in strict.stdout + strict.stderr
+
+
+def test_train_of_an_excluded_cell_leaves_the_folder_dvc_expects(tmp_path, monkeypatch):
+    """dvc.yaml's matrix has a stage for small_cnn-frozen too; it must leave models/small_cnn-frozen."""
+    from click.testing import CliRunner
+
+    from transfer_study import cli
+
+    (tmp_path / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli.cli, ["train", "--arch", "small_cnn", "--condition", "frozen"], obj={})
+    assert result.exit_code == 0, result.output
+    assert "small_cnn-frozen is listed in train.exclude; nothing to train" in result.output
+    assert (tmp_path / "models" / "small_cnn-frozen" / "EXCLUDED").is_file()
+    assert not list((tmp_path / "models").glob("*/s*")), "an excluded cell left a run folder"
