@@ -95,3 +95,18 @@ def test_validate_verbose_lists_conversions_and_the_size_images_are_upscaled_to(
     assert "INFO: data/raw/b/thumb.png: grayscale copied to the three RGB channels" in out
     assert "INFO: data/raw/b/thumb.png: 28x28 is far below the model's 299 px input: upscaled at least 10.7x" in out
     assert out.count("upscaled") == 1  # 200x150 is within 2x of 299 px
+
+
+def test_train_of_an_excluded_cell_leaves_the_folder_dvc_expects(tmp_path, monkeypatch):
+    """dvc.yaml's matrix has a stage for small_cnn-frozen too; it must leave models/small_cnn-frozen."""
+    from click.testing import CliRunner
+
+    from transfer_study import cli
+
+    (tmp_path / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli.cli, ["train", "--arch", "small_cnn", "--condition", "frozen"], obj={})
+    assert result.exit_code == 0, result.output
+    assert "small_cnn-frozen is listed in train.exclude; nothing to train" in result.output
+    assert (tmp_path / "models" / "small_cnn-frozen" / "EXCLUDED").is_file()
+    assert not list((tmp_path / "models").glob("*/s*")), "an excluded cell left a run folder"

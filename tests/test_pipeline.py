@@ -49,8 +49,11 @@ def _env(root: Path) -> dict:
 def _tiny_params(root: Path) -> None:
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["data"]["per_class"] = 6
-    params["train"].update(architectures=["efficientnet_lite0"], conditions=["frozen"], epochs=1,
-                           image_size={"resnet18": 32, "vgg19": 32, "inception_v3": 75, "efficientnet_lite0": 32})
+    # small_cnn-frozen is in params.yaml's train.exclude: its matrix stage must still leave its out.
+    params["train"].update(architectures=["efficientnet_lite0", "small_cnn"], conditions=["frozen"], epochs=1,
+                           exclude=["small_cnn-frozen"],
+                           image_size={"resnet18": 32, "vgg19": 32, "inception_v3": 75, "efficientnet_lite0": 32,
+                                       "small_cnn": 28})
     params["evaluate"]["bootstrap_samples"] = 200
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
@@ -70,6 +73,7 @@ def test_dvc_repro_runs_every_stage_then_is_clean(tmp_path):
     assert (root / "data/split/manifest.csv").is_file()
     run = json.loads((root / "models/efficientnet_lite0-frozen/s0/run.json").read_text())
     assert run["architecture"] == "efficientnet_lite0"
+    assert (root / "models/small_cnn-frozen/EXCLUDED").is_file(), "the excluded cell's stage left no out"
     assert (root / "evaluation/metrics.json").is_file() and (root / "reports/table1.md").is_file()
     champion = json.loads((root / "registry/champion.json").read_text())
     assert champion["run_id"] == run["run_id"]

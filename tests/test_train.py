@@ -68,6 +68,20 @@ def test_every_fast_cell_trains_and_logs(project, tracking_uri, use_torch_home, 
     _check_run(project, tracking_uri, run_dir, arch, condition)
 
 
+def test_small_cnn_trains_from_scratch_at_28_px_and_logs(project, tracking_uri):
+    _, run_dir = _run_cell(project, tracking_uri, "small_cnn", "scratch", epochs=1)
+    _check_run(project, tracking_uri, run_dir, "small_cnn", "scratch")
+    assert json.loads((run_dir / "run.json").read_text())["image_size"] == 28
+
+
+@pytest.mark.parametrize("condition", ["frozen", "finetune"])
+def test_small_cnn_pretrained_cell_is_refused_before_reading_data(project, tracking_uri, monkeypatch, condition):
+    monkeypatch.setattr(imagestore.TrainingData, "__init__", lambda *a, **k: pytest.fail("data was read"))
+    with pytest.raises(UserError, match="small_cnn has no pretrained weights"):
+        _run_cell(project, tracking_uri, "small_cnn", condition)
+    assert not (project / "out" / "models").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("condition", ["scratch", "frozen", "finetune"])
 @pytest.mark.parametrize("arch", SLOW_ARCHS)

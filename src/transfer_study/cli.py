@@ -94,14 +94,17 @@ def weights() -> None:
 @weights.command("fetch")
 @click.pass_context
 def weights_fetch(ctx: click.Context) -> None:
-    """Download (or find) every weights file the params need, before training."""
+    """Download (or find) every weights file the params' pretrained cells need, before training."""
+    from .cells import pretrained_architectures
     from .models import fetch_weights
 
-    t = _params(ctx).train
-    if not any(c != "scratch" for c in t.conditions):
-        click.echo("no pretrained condition in train.conditions; nothing to fetch")
+    params = _params(ctx)
+    archs = pretrained_architectures(params)
+    if not archs:
+        click.echo("no pretrained cell in train.architectures × train.conditions; nothing to fetch")
         return
-    for path in fetch_weights(list(t.architectures), Path(t.weights_dir) if t.weights_dir else None):
+    weights_dir = params.train.weights_dir
+    for path in fetch_weights(archs, Path(weights_dir) if weights_dir else None):
         click.echo(f"ok {path}")
 
 
@@ -113,14 +116,19 @@ def train(ctx: click.Context, arch: str | None, condition: str | None) -> None:
     """Train the cells (architecture × condition × seed); one MLflow run each.
 
     Under `torchrun --nproc_per_node N -m transfer_study.cli train ...` each cell trains with DDP."""
-    from .distributed import process_group
     from .cells import cells_for
+    from .distributed import process_group
+    from .runs import mark_excluded
     from .train import train_cell
 
     params = _params(ctx)
     cells = cells_for(params, arch, condition)
-    if not cells:
-        click.echo(f"{arch}-{condition} is listed in train.exclude; nothing to train")
+    if not cells and arch and condition:
+        # dvc.yaml's train matrix has a stage for every arch × condition; an excluded one still leaves its out.
+        folder = mark_excluded(_root() / params.paths.outputs / "models", arch, condition)
+        click.echo(f"{arch}-{condition} is listed in train.exclude; nothing to train ({folder} says so)")
+    elif not cells:
+        click.echo("every cell asked for is listed in train.exclude; nothing to train")
     with process_group(config.launch_env()) as world:
         for cell in cells:
             train_cell(params, cell, _root(), config.tracking_uri(), world)

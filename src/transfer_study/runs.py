@@ -11,6 +11,10 @@
 - `metrics.json`: best/last validation accuracy, epochs and training seconds (DVC metrics);
 - `predictions.csv`: the chosen checkpoint's predictions on every manifest row: `path, split,
   label, pred, prob_0 … prob_{K-1}` (label/pred index into `class_names`).
+
+A cell listed in train.exclude gets `<outputs>/models/<arch>-<condition>/EXCLUDED` instead (no
+run folder): dvc.yaml's train matrix makes a stage for every arch × condition and each must
+leave its out.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 from .config import UserError
 
 RUN_JSON = "run.json"
+EXCLUDED = "EXCLUDED"
 RUN_JSON_KEYS = ("run_id", "experiment_id", "run_name", "architecture", "condition", "seed", "repeat",
                  "fraction", "train_per_class", "class_names", "image_size", "checkpoint", "model_uri",
                  "fingerprint")
@@ -31,6 +36,19 @@ REQUIRED_KEYS = ("run_id", "architecture", "condition", "seed", "class_names", "
 def run_dir_for(models_dir: Path, group: str, variant: str) -> Path:
     """`<models_dir>/<arch>-<condition>/<variant>`: the folder of one cell's run (cells.Cell names both)."""
     return Path(models_dir) / group / variant
+
+
+def cell_dir(models_dir: Path, architecture: str, condition: str) -> Path:
+    """`<models_dir>/<arch>-<condition>`: the folder of a cell's runs, dvc.yaml's train out."""
+    return Path(models_dir) / f"{architecture}-{condition}"
+
+
+def mark_excluded(models_dir: Path, architecture: str, condition: str) -> Path:
+    """Write `<models_dir>/<arch>-<condition>/EXCLUDED` for a cell in train.exclude; returns the folder."""
+    folder = cell_dir(models_dir, architecture, condition)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / EXCLUDED).write_text(f"{architecture}-{condition} is listed in train.exclude: nothing was trained.\n")
+    return folder
 
 
 def write_run_info(run_dir: Path, info: dict) -> None:
