@@ -49,7 +49,7 @@ run: data
 	dvc repro
 
 quick: data
-	dvc repro split
+	dvc repro preprocess
 	transfer-study --params params.quick.yaml pipeline --skip-data
 
 test: setup

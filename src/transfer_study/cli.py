@@ -172,17 +172,17 @@ def register(ctx: click.Context) -> None:
 
 @cli.command()
 @click.option("--skip-data", is_flag=True,
-              help="Start at training, on the crops and manifest `dvc repro split` built.")
+              help="Start at the split, on the crops `dvc repro preprocess` built (each profile splits its own way).")
 @click.pass_context
 def pipeline(ctx: click.Context, skip_data: bool) -> None:
     """Every stage in order, in this process (the quick profile and MLproject's main)."""
     params = _params(ctx)
-    stages = [train, evaluate, report, register]
+    stages = [split, train, evaluate, report, register]
     if not skip_data:
         raw = Path(params.paths.raw)
         if not (raw.is_dir() and any(raw.iterdir())):
             ctx.invoke(data_fetch)
-        stages = [data_validate, preprocess, split] + stages
+        stages = [data_validate, preprocess] + stages
     for command in stages:
         click.echo(f"== {command.name} ==", err=True)
         ctx.invoke(command)
