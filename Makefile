@@ -11,6 +11,9 @@ STAMP := $(VENV)/.installed
 # A pip constraint file on some machines caps torch below the locked release; the lock decides.
 export PIP_CONSTRAINT :=
 export PATH := $(abspath $(BIN)):$(PATH)
+# OpenMP threads that spin while they wait make torch on a shared CPU up to 10x slower when anything
+# else runs (bench/README.md measured it); passive waiting costs little when the machine is idle.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup system-deps venv data run quick test bench clean-quick lock
 

@@ -30,25 +30,45 @@ def read_fmnist(count: int = 2000) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def fmnist_garments(classes, per_class: int) -> dict[str, np.ndarray]:
+    """The first `per_class` Fashion-MNIST images (per_class, 28, 28) of each named class."""
+    label_of = {"t-shirt_top": 0, "trouser": 1, "pullover": 2, "dress": 3, "coat": 4, "shirt": 6}
+    images, labels = read_fmnist()
+    return {name: images[np.flatnonzero(labels == label_of[name])[:per_class]] for name in classes}
+
+
+def make_raw_project(root: Path, per_class: int = 6, classes=("coat", "shirt", "trouser")) -> Path:
+    """A project folder with data/raw/<class>/img<n>.png: 28 px grayscale Fashion-MNIST garments,
+    as `data fetch` writes them; returns the raw folder."""
+    raw = root / "data" / "raw"
+    for name, images in fmnist_garments(classes, per_class).items():
+        (raw / name).mkdir(parents=True, exist_ok=True)
+        for n, image in enumerate(images):
+            Image.fromarray(image).save(raw / name / f"img{n:03d}.png")
+    return raw
+
+
 def make_split_project(root: Path, per_class: int = 6, size: int = 80, classes=("coat", "shirt", "trouser")) -> Path:
     """A project folder with data/cropped/<class>/*.png (RGB, `size` px, real Fashion-MNIST
     garments) and a stratified manifest; returns the manifest path."""
-    label_of = {"t-shirt_top": 0, "trouser": 1, "pullover": 2, "dress": 3, "coat": 4, "shirt": 6}
-    images, labels = read_fmnist()
     rows = []
-    for name in classes:
-        idx = np.flatnonzero(labels == label_of[name])[:per_class]
+    for name, images in fmnist_garments(classes, per_class).items():
         folder = root / "data" / "cropped" / name
         folder.mkdir(parents=True, exist_ok=True)
-        for n, i in enumerate(idx):
+        for n, image in enumerate(images):
             path = folder / f"img{n:03d}.png"
-            Image.fromarray(images[i]).convert("RGB").resize((size, size), Image.Resampling.BILINEAR).save(path)
+            Image.fromarray(image).convert("RGB").resize((size, size), Image.Resampling.BILINEAR).save(path)
             split = "train" if n < per_class - 2 else ("val" if n == per_class - 2 else "test")
             rows.append({"path": path.relative_to(root).as_posix(), "label": name, "split": split,
                          "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
     manifest = root / "data" / "split" / "manifest.csv"
     manifest.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(manifest, index=False)
+    # As the preprocess stage leaves them: the crops say how they were made (tiny_params' settings).
+    from transfer_study.config import PreprocessParams
+    from transfer_study.preprocess import write_crop_record
+
+    write_crop_record(root / "data" / "cropped", PreprocessParams(size=80), {"written": len(rows)})
     return manifest
 
 
@@ -117,9 +137,9 @@ def tiny_params(base=None, **train_overrides):
     from transfer_study.config import Params, PreprocessParams, TrainParams
 
     base = base or Params()
-    sizes = {"resnet18": 32, "vgg19": 32, "inception_v3": 75, "efficientnet_lite0": 32}
+    sizes = {"resnet18": 32, "vgg19": 32, "inception_v3": 75, "efficientnet_lite0": 32, "small_cnn": 28}
     train = dataclasses.replace(
-        TrainParams(), epochs=1, batch_size=4, image_size=sizes, num_workers=0, seeds=(0,),
+        TrainParams(), epochs=1, batch_size=4, image_size=sizes, num_workers=0, seeds=(0,), save_every_s=0.0,
         architectures=("resnet18", "vgg19", "inception_v3", "efficientnet_lite0"),
         conditions=("scratch", "frozen", "finetune"),
     )

@@ -97,17 +97,16 @@ def test_validate_verbose_lists_conversions_and_the_size_images_are_upscaled_to(
     assert out.count("upscaled") == 1  # 200x150 is within 2x of 299 px
 
 
-def test_an_excluded_cell_leaves_a_note_for_dvc(tmp_path, monkeypatch, capsys):
-    """dvc.yaml's train matrix runs every (arch, condition): an excluded one writes its out folder
-    with a note, so DVC finds the out, and evaluate finds no run in it."""
-    from transfer_study.runs import EXCLUDED_NOTE
+def test_train_of_an_excluded_cell_leaves_the_folder_dvc_expects(tmp_path, monkeypatch):
+    """dvc.yaml's matrix has a stage for small_cnn-frozen too; it must leave models/small_cnn-frozen."""
+    from click.testing import CliRunner
 
-    (tmp_path / "params.quick.yaml").write_text((REPO_ROOT / "params.quick.yaml").read_text())
+    from transfer_study import cli
+
+    (tmp_path / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["transfer-study", "--params", "params.quick.yaml", "train",
-                                      "--arch", "resnet18", "--condition", "frozen"])
-    main()
-    note = tmp_path / "outputs/quick/models/resnet18-frozen" / EXCLUDED_NOTE
-    assert "resnet18-frozen is listed in train.exclude of params.quick.yaml" in note.read_text()
-    assert capsys.readouterr().out.strip() == note.read_text().strip()
-    assert sorted(p.name for p in note.parent.iterdir()) == [EXCLUDED_NOTE]
+    result = CliRunner().invoke(cli.cli, ["train", "--arch", "small_cnn", "--condition", "frozen"], obj={})
+    assert result.exit_code == 0, result.output
+    assert "small_cnn-frozen is listed in train.exclude; nothing to train" in result.output
+    assert (tmp_path / "models" / "small_cnn-frozen" / "EXCLUDED").is_file()
+    assert not list((tmp_path / "models").glob("*/s*")), "an excluded cell left a run folder"

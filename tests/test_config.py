@@ -17,10 +17,15 @@ def test_committed_profiles_load():
     study = config.load_params(REPO_ROOT / "params.yaml")
     quick = config.load_params(REPO_ROOT / "params.quick.yaml")
     assert study.train.epochs == 50 and study.train.lr == 1e-4 and study.train.batch_size == 32
-    assert set(study.train.architectures) == {"resnet18", "vgg19", "inception_v3"}
+    assert set(study.train.architectures) == {"resnet18", "vgg19", "inception_v3", "small_cnn"}
     assert quick.paths.outputs != study.paths.outputs
     assert quick.tracking.experiment != study.tracking.experiment
     assert quick.tracking.registered_model != study.tracking.registered_model
+    extensions = [config.load_params(REPO_ROOT / f"params.{name}.yaml") for name in ("robust", "tuned")]
+    names = {p.tracking.registered_model for p in (study, quick, *extensions)}
+    assert len(names) == 4, "each profile registers its own model"
+    assert extensions[0].split.repeats == 3 and len(extensions[0].train.seeds) == 5
+    assert extensions[1].train.schedule == "onecycle" and study.train.schedule == "constant"
 
 
 @pytest.mark.parametrize(
@@ -28,11 +33,17 @@ def test_committed_profiles_load():
     [
         ("train", {"architectures": ["alexnet"]}, "train.architectures"),
         ("train", {"conditions": ["partial"]}, "train.conditions"),
-        ("train", {"image_size": {"inception_v3": 64, "resnet18": 64, "vgg19": 64}}, "inception_v3"),
+        ("train", {"image_size": {"inception_v3": 64, "resnet18": 64, "vgg19": 64, "small_cnn": 28}}, "inception_v3"),
         ("train", {"checkpoint": "middle"}, "train.checkpoint"),
         ("split", {"train": 0.9}, "split ratios"),
         ("preprocess", {"cropper": "yolo"}, "preprocess.cropper"),
         ("train", {"learning_rate": 0.1}, "unknown param(s) train.learning_rate"),
+        ("train", {"exclude": []}, "add small_cnn-frozen to train.exclude"),
+        ("train", {"conditions": ["scratch", "frozen", "finetune"]}, "add small_cnn-finetune to train.exclude"),
+        ("train", {"image_size": {"resnet18": 224, "vgg19": 224, "inception_v3": 299, "small_cnn": 15}},
+         "train.image_size.small_cnn = 15; use an integer of at least 16"),
+        ("train", {"image_size": {"resnet18": 28, "vgg19": 224, "inception_v3": 299, "small_cnn": 28}},
+         "train.image_size.resnet18 = 28; use an integer of at least 32"),
     ],
 )
 def test_bad_params_name_the_param(tmp_path, section, change, fragment):
@@ -134,6 +145,17 @@ def test_every_default_round_trips_through_yaml(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
     assert config.load_params(path) == config.Params()
+
+
+def test_the_study_profile_keeps_the_study_s_six_cells_and_adds_a_small_cnn_scratch_row():
+    from transfer_study.cells import cells_for
+
+    study = [c.name for c in cells_for(config.load_params(REPO_ROOT / "params.yaml"))]
+    assert study == [f"{a}-{c}-s0" for a in ("resnet18", "vgg19", "inception_v3") for c in ("scratch", "frozen")] + [
+        "small_cnn-scratch-s0"]
+    quick = config.load_params(REPO_ROOT / "params.quick.yaml")
+    assert "small_cnn-scratch-s0" in [c.name for c in cells_for(quick)]
+    assert quick.train.image_size["small_cnn"] == 28 == config.TrainParams().image_size["small_cnn"]
 
 
 def test_missing_or_broken_params_file(tmp_path):

@@ -46,13 +46,17 @@ def _env(root: Path) -> dict:
     return env
 
 
-def _tiny_params(root: Path, name: str = "params.yaml", **train) -> None:
-    """One cell (Lite0 frozen, unless train overrides say otherwise), 1 epoch at 32 px, 6 images a class."""
+def _tiny_params(root: Path, name: str = "params.yaml") -> None:
+    """One run (Lite0 frozen, seed 0, one split at full size), 1 epoch at 32 px, 6 images a class."""
     params = yaml.safe_load((root / name).read_text())
     params["data"]["per_class"] = 6
-    params["train"].update({"architectures": ["efficientnet_lite0"], "conditions": ["frozen"], "epochs": 1,
-                            "image_size": {"resnet18": 32, "vgg19": 32, "inception_v3": 75, "efficientnet_lite0": 32},
-                            **train})
+    # small_cnn-frozen is in train.exclude (params.yaml's and params.quick.yaml's): its matrix stage
+    # must still leave its out.
+    params["train"].update(architectures=["efficientnet_lite0", "small_cnn"], conditions=["frozen"], epochs=1,
+                           exclude=["small_cnn-frozen"], seeds=[0],
+                           image_size={"resnet18": 32, "vgg19": 32, "inception_v3": 75, "efficientnet_lite0": 32,
+                                       "small_cnn": 28})
+    params["split"].update(repeats=1, train_fractions=[1.0])
     params["evaluate"]["bootstrap_samples"] = 200
     (root / name).write_text(yaml.safe_dump(params, sort_keys=False))
 
@@ -77,6 +81,7 @@ def test_dvc_repro_runs_every_stage_then_is_clean(tmp_path):
     assert (root / "data/split/manifest.csv").is_file()
     run = json.loads((root / "models/efficientnet_lite0-frozen/s0/run.json").read_text())
     assert run["architecture"] == "efficientnet_lite0"
+    assert (root / "models/small_cnn-frozen/EXCLUDED").is_file(), "the excluded cell's stage left no out"
     assert (root / "evaluation/metrics.json").is_file() and (root / "reports/table1.md").is_file()
     champion = json.loads((root / "registry/champion.json").read_text())
     assert champion["run_id"] == run["run_id"]
@@ -178,8 +183,7 @@ def test_readme_own_data_steps_then_the_quick_profile_runs_nothing_twice(tmp_pat
     from mlflow import MlflowClient
 
     root = copy_repo(tmp_path / "repo")
-    # One cell trains, one is excluded (its stage leaves a note); 1 epoch at 32 px.
-    _tiny_params(root, "params.quick.yaml", conditions=["frozen", "scratch"], exclude=["efficientnet_lite0-scratch"])
+    _tiny_params(root, "params.quick.yaml")  # one run, and an excluded cell
     _commit(root, "tiny quick profile")
     (root / ".venv" / "bin").mkdir(parents=True)  # the block activates .venv: this test's environment
     (root / ".venv" / "bin" / "activate").write_text(f'export PATH="{BIN}:$PATH"\n')
@@ -189,10 +193,10 @@ def test_readme_own_data_steps_then_the_quick_profile_runs_nothing_twice(tmp_pat
     log = result.stdout + result.stderr
 
     assert "24 images in 3 classes, 0 excluded" in log
-    assert "efficientnet_lite0-scratch is listed in train.exclude" in log
+    assert "small_cnn-frozen is listed in train.exclude" in log
     assert "Table 1 — your data" in log
     run = json.loads((root / "outputs/quick/models/efficientnet_lite0-frozen/s0/run.json").read_text())
-    assert (root / "outputs/quick/models/efficientnet_lite0-scratch/EXCLUDED.txt").is_file()
+    assert (root / "outputs/quick/models/small_cnn-frozen/EXCLUDED").is_file()
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     assert client.get_model_version_by_alias("my-photos-quick", "champion").run_id == run["run_id"]
     assert client.get_experiment_by_name("my-photos-quick") is not None
@@ -224,4 +228,4 @@ def test_the_quick_pipeline_tracks_what_the_study_pipeline_tracks():
         code = [d for d in stage["deps"] if d.startswith("src/")]
         assert code == [d for d in study[name]["deps"] if d.startswith("src/")], name
         assert stage["params"] == [{"params.quick.yaml": study[name]["params"]}], name
-    assert set(quick) == set(study) - {"validate", "preprocess", "split"}
+    assert set(quick) == set(study) - {"validate", "preprocess"}  # each profile splits its own way

@@ -302,3 +302,19 @@ def test_cropper_iou_on_pasted_fashion_mnist_garments(garments):
     assert table["none"]["dark"] < 0.5  # the scenes really need cropping
     for kind in BACKGROUNDS:
         assert table["cam"][kind] > table["none"][kind]  # the CAM points at the garment, however coarsely
+
+
+def test_the_crops_record_how_they_were_made(tmp_path):
+    """preprocess.json beside the crops is what training and serving take their settings from."""
+    raw = tmp_path / "raw" / "coat"
+    raw.mkdir(parents=True)
+    Image.new("RGB", (40, 30), (10, 10, 10)).save(raw / "a.png")
+    params = PreprocessParams(cropper="none", size=32)
+    pp.preprocess_dataset(tmp_path / "raw", tmp_path / "cropped", params)
+    assert pp.read_crop_record(tmp_path / "cropped") == params
+    assert pp.check_crops_match(tmp_path / "cropped", params) == params
+    with pytest.raises(UserError, match="size: crops 32, profile 64"):
+        pp.check_crops_match(tmp_path / "cropped", PreprocessParams(cropper="none", size=64))
+    (tmp_path / "cropped" / pp.CROP_RECORD).unlink()
+    with pytest.raises(UserError, match="does not say how the crops"):
+        pp.read_crop_record(tmp_path / "cropped")

@@ -19,11 +19,13 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from conftest import tiny_params
+from conftest import make_raw_project, tiny_params
 from PIL import Image, ImageDraw
 
 from transfer_study import client
 from transfer_study.cells import Cell
+from transfer_study.config import PreprocessParams
+from transfer_study.preprocess import write_crop_record
 from transfer_study.train import train_cell
 
 COLOURS = {"blue": (30, 60, 200), "red": (210, 30, 30)}
@@ -51,6 +53,7 @@ def _make_colour_project(root: Path, per_class: int = 8) -> None:
                          "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
     (root / "data" / "split").mkdir(parents=True)
     pd.DataFrame(rows).to_csv(root / "data" / "split" / "manifest.csv", index=False)
+    write_crop_record(root / "data" / "cropped", PreprocessParams(size=80), {"written": len(rows)})
 
 
 def _png_b64(img: Image.Image) -> str:
@@ -94,6 +97,37 @@ def test_bad_inputs_raise_a_clear_error_in_process(trained_model):
         model.predict(pd.DataFrame({"image": ["%%% not base64 %%%"]}))
     with pytest.raises(MlflowException, match="image"):
         model.predict(pd.DataFrame({"image": [base64.b64encode(b"plain text, not an image").decode()]}))
+
+
+def test_served_small_cnn_sees_what_training_saw(tmp_path, tracking_uri):
+    """Raw 28 px garments through preprocess, split and training at 28 px; the served model, given the
+    raw files, resizes them to 28 px as training did and returns predictions.csv's probabilities."""
+    import numpy as np
+
+    from transfer_study.client import encode_file
+    from transfer_study.config import SplitParams
+    from transfer_study.preprocess import preprocess_dataset
+    from transfer_study.split import write_manifest
+
+    params = tiny_params(epochs=1)
+    raw = make_raw_project(tmp_path)
+    preprocess_dataset(raw, tmp_path / "data" / "cropped", params.preprocess)
+    write_manifest(tmp_path / "data" / "cropped", tmp_path / params.paths.manifest, SplitParams())
+    run_dir = train_cell(params, Cell("small_cnn", "scratch", 0), tmp_path, tracking_uri)
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["image_size"] == 28
+
+    predictions = pd.read_csv(run_dir / "predictions.csv")
+    raw_files = sorted(raw.glob("*/*.png"))
+    answer = mlflow.pyfunc.load_model(info["model_uri"]).predict(
+        pd.DataFrame({"image": [encode_file(f) for f in raw_files]}))
+    for file, (_, served) in zip(raw_files, answer.iterrows()):
+        trained = predictions[predictions["path"].str.endswith(f"{file.parent.name}/{file.stem}.png")]
+        assert len(trained) == 1, file
+        expected = trained[[f"prob_{k}" for k in range(len(info["class_names"]))]].to_numpy()[0]
+        np.testing.assert_allclose(served[[f"prob_{n}" for n in info["class_names"]]].to_numpy(float), expected,
+                                   atol=1e-5, err_msg=str(file))
+    assert len(raw_files) == len(predictions) == 18
 
 
 def _free_port() -> int:

@@ -68,6 +68,20 @@ def test_every_fast_cell_trains_and_logs(project, tracking_uri, use_torch_home, 
     _check_run(project, tracking_uri, run_dir, arch, condition)
 
 
+def test_small_cnn_trains_from_scratch_at_28_px_and_logs(project, tracking_uri):
+    _, run_dir = _run_cell(project, tracking_uri, "small_cnn", "scratch", epochs=1)
+    _check_run(project, tracking_uri, run_dir, "small_cnn", "scratch")
+    assert json.loads((run_dir / "run.json").read_text())["image_size"] == 28
+
+
+@pytest.mark.parametrize("condition", ["frozen", "finetune"])
+def test_small_cnn_pretrained_cell_is_refused_before_reading_data(project, tracking_uri, monkeypatch, condition):
+    monkeypatch.setattr(imagestore.TrainingData, "__init__", lambda *a, **k: pytest.fail("data was read"))
+    with pytest.raises(UserError, match="small_cnn has no pretrained weights"):
+        _run_cell(project, tracking_uri, "small_cnn", condition)
+    assert not (project / "out" / "models").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("condition", ["scratch", "frozen", "finetune"])
 @pytest.mark.parametrize("arch", SLOW_ARCHS)
@@ -180,3 +194,54 @@ def test_frozen_without_augmentation_trains_the_head_on_cached_features(project,
     run_dir = train_cell(params, Cell("efficientnet_lite0", "frozen", 0), project, tracking_uri)
     assert "cached features" in capsys.readouterr().err
     assert len(pd.read_csv(run_dir / "history.csv")) == 2
+
+
+def test_crops_made_with_other_settings_stop_training_before_it_starts(project, tracking_uri):
+    """The crops record their cropper; a profile asking for another one is an error naming both,
+    not a model trained on one preprocessing and served with another."""
+    import dataclasses
+
+    params = tiny_params()
+    other = dataclasses.replace(params, preprocess=dataclasses.replace(params.preprocess, cropper="none"))
+    with pytest.raises(UserError) as error:
+        train_cell(other, Cell("resnet18", "scratch", 0), project, tracking_uri)
+    assert "cropper: crops 'foreground', profile 'none'" in str(error.value)
+    assert "dvc repro preprocess" in str(error.value)
+    assert not (project / "out").exists() and not (project / "checkpoints").exists()
+
+
+def test_a_cell_ends_with_a_logged_model_where_only_mlflow_skinny_is_installed(project, tracking_uri, monkeypatch):
+    """A training client often has mlflow-skinny, not mlflow: the model's requirements pin that one,
+    and the check happens before the first epoch rather than after the last."""
+    import importlib.metadata
+
+    real_version = importlib.metadata.version
+
+    def without_mlflow(name: str) -> str:
+        if name == "mlflow":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_version("mlflow") if name == "mlflow-skinny" else real_version(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", without_mlflow)
+    run_dir = train_cell(tiny_params(max_batches_per_epoch=1), Cell("resnet18", "scratch", 0), project,
+                         tracking_uri)
+    model_uri = json.loads((run_dir / "run.json").read_text())["model_uri"]
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(model_uri)).read_text()
+    assert f"mlflow-skinny=={real_version('mlflow')}" in requirements.splitlines()
+    assert not any(line.startswith("mlflow==") for line in requirements.splitlines())
+
+
+def test_a_missing_requirement_stops_the_cell_before_training(project, tracking_uri, monkeypatch):
+    import importlib.metadata
+
+    real_version = importlib.metadata.version
+
+    def without_kornia(name: str) -> str:
+        if name == "kornia":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_version(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", without_kornia)
+    with pytest.raises(UserError, match="kornia is not installed"):
+        train_cell(tiny_params(), Cell("resnet18", "scratch", 0), project, tracking_uri)
+    assert not (project / "checkpoints").exists(), "training started before the check"

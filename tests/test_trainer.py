@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_params
@@ -73,3 +76,24 @@ def test_augmentation_runs_on_the_device_batch_per_sample():
     trainer = Trainer(tiny_params(), Cell("resnet18", "scratch", 0), 3, torch.device("cpu"))
     assert isinstance(trainer.augment, transforms.DeviceAugment) and trainer.augment.active
     assert trainer.graph is None and not trainer.use_graph, "CUDA graphs are for CUDA only"
+
+
+def test_learning_rate_schedules():
+    from transfer_study.trainer import learning_rate
+
+    assert [learning_rate("constant", 1e-4, s, 10) for s in (0, 9)] == [1e-4, 1e-4]
+    cosine = [learning_rate("cosine", 1.0, s, 11) for s in range(11)]
+    assert cosine[0] == 1.0 and abs(cosine[5] - 0.5) < 1e-9 and cosine[-1] < 1e-12
+    assert all(a >= b for a, b in zip(cosine, cosine[1:]))
+    one = [learning_rate("onecycle", 1.0, s, 101) for s in range(101)]
+    assert abs(one[0] - 1 / 25) < 1e-9 and max(one) == one[25] == 1.0
+    assert one[-1] == pytest.approx(1e-4) and all(a <= b for a, b in zip(one[:26], one[1:26]))
+
+
+def test_the_optimiser_follows_the_schedule_step_by_step():
+    params = tiny_params(augment=NO_AUGMENT, schedule="cosine", lr=1e-3)
+    trainer = Trainer(params, Cell("resnet18", "scratch", 0), 3, torch.device("cpu"))
+    trainer.set_schedule(steps_per_epoch=3, epochs=2, steps_done=3)  # resumed at epoch 2
+    trainer.train_epoch(_batches(2), None)
+    assert trainer.steps_done == 5
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 5)))

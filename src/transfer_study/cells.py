@@ -62,3 +62,9 @@ def cells_for(params: Params, architecture: str | None = None, condition: str | 
             raise ConfigError(f"--condition {condition} is not in train.conditions {list(t.conditions)}")
         chosen = [c for c in chosen if c.condition == condition]
     return chosen
+
+
+def pretrained_architectures(params: Params) -> list[str]:
+    """Architectures whose ImageNet weights the cells params ask for need, in train.architectures' order."""
+    needed = {c.architecture for c in cells_for(params) if c.pretrained}
+    return [a for a in params.train.architectures if a in needed]

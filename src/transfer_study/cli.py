@@ -94,14 +94,17 @@ def weights() -> None:
 @weights.command("fetch")
 @click.pass_context
 def weights_fetch(ctx: click.Context) -> None:
-    """Download (or find) every weights file the params need, before training."""
+    """Download (or find) every weights file the params' pretrained cells need, before training."""
+    from .cells import pretrained_architectures
     from .models import fetch_weights
 
-    t = _params(ctx).train
-    if not any(c != "scratch" for c in t.conditions):
-        click.echo("no pretrained condition in train.conditions; nothing to fetch")
+    params = _params(ctx)
+    archs = pretrained_architectures(params)
+    if not archs:
+        click.echo("no pretrained cell in train.architectures × train.conditions; nothing to fetch")
         return
-    for path in fetch_weights(list(t.architectures), Path(t.weights_dir) if t.weights_dir else None):
+    weights_dir = params.train.weights_dir
+    for path in fetch_weights(archs, Path(weights_dir) if weights_dir else None):
         click.echo(f"ok {path}")
 
 
@@ -113,25 +116,19 @@ def train(ctx: click.Context, arch: str | None, condition: str | None) -> None:
     """Train the cells (architecture × condition × seed); one MLflow run each.
 
     Under `torchrun --nproc_per_node N -m transfer_study.cli train ...` each cell trains with DDP."""
-    from .cells import Cell, cells_for
+    from .cells import cells_for
+    from .distributed import process_group
+    from .runs import mark_excluded
+    from .train import train_cell
 
     params = _params(ctx)
     cells = cells_for(params, arch, condition)
-    if not cells:
-        if arch and condition:
-            # dvc.yaml's matrix has a stage for every cell: leave its out, saying why it holds no run.
-            from .runs import write_excluded_note
-
-            group = Cell(arch, condition, 0).group
-            reason = f"{group} is listed in train.exclude of {ctx.find_root().obj['params_path']}; nothing to train"
-            write_excluded_note(_root() / params.paths.outputs / "models", group, reason)
-            click.echo(reason)
-        else:
-            click.echo("every cell asked for is listed in train.exclude; nothing to train")
-        return
-    from .distributed import process_group  # after the check: an excluded cell imports no torch
-    from .train import train_cell
-
+    if not cells and arch and condition:
+        # dvc.yaml's train matrix has a stage for every arch × condition; an excluded one still leaves its out.
+        folder = mark_excluded(_root() / params.paths.outputs / "models", arch, condition)
+        click.echo(f"{arch}-{condition} is listed in train.exclude; nothing to train ({folder} says so)")
+    elif not cells:
+        click.echo("every cell asked for is listed in train.exclude; nothing to train")
     with process_group(config.launch_env()) as world:
         for cell in cells:
             train_cell(params, cell, _root(), config.tracking_uri(), world)
@@ -175,17 +172,17 @@ def register(ctx: click.Context) -> None:
 
 @cli.command()
 @click.option("--skip-data", is_flag=True,
-              help="Start at training, on the crops and manifest `dvc repro split` built.")
+              help="Start at the split, on the crops `dvc repro preprocess` built (each profile splits its own way).")
 @click.pass_context
 def pipeline(ctx: click.Context, skip_data: bool) -> None:
     """Every stage in order, in this process (the quick profile and MLproject's main)."""
     params = _params(ctx)
-    stages = [train, evaluate, report, register]
+    stages = [split, train, evaluate, report, register]
     if not skip_data:
         raw = Path(params.paths.raw)
         if not (raw.is_dir() and any(raw.iterdir())):
             ctx.invoke(data_fetch)
-        stages = [data_validate, preprocess, split] + stages
+        stages = [data_validate, preprocess] + stages
     for command in stages:
         click.echo(f"== {command.name} ==", err=True)
         ctx.invoke(command)

@@ -19,14 +19,19 @@ from typing import Any
 
 import yaml
 
-ARCHITECTURES = ("resnet18", "vgg19", "inception_v3", "efficientnet_lite0")
+ARCHITECTURES = ("resnet18", "vgg19", "inception_v3", "efficientnet_lite0", "small_cnn")
+# Architectures with no ImageNet weights: they train from scratch only.
+SCRATCH_ONLY = ("small_cnn",)
 CONDITIONS = ("scratch", "frozen", "finetune")
+SCHEDULES = ("constant", "cosine", "onecycle")
 CROPPERS = ("none", "foreground", "cam")
 INCEPTION_MIN_SIZE = 75
 # The version DVC records in data.dvc for the default dataset (`transfer-study data fetch` with the
 # default data params writes the same bytes everywhere). Only runs on this version are compared
 # with the study's Table 1; any other data is "your data".
 DEFAULT_DATASET_MD5 = "6298280f42a1a76b2c1995959781ba9d.dir"
+MIN_IMAGE_SIZE = 32
+SMALL_CNN_MIN_SIZE = 16  # built for small images, e.g. Fashion-MNIST's own 28 px
 
 
 class UserError(Exception):
@@ -94,7 +99,8 @@ class TrainParams:
     lr: float = 1e-4
     weight_decay: float = 0.0
     image_size: dict[str, int] = field(
-        default_factory=lambda: {"resnet18": 224, "vgg19": 224, "inception_v3": 299, "efficientnet_lite0": 224}
+        default_factory=lambda: {"resnet18": 224, "vgg19": 224, "inception_v3": 299, "efficientnet_lite0": 224,
+                                 "small_cnn": 28}  # small_cnn: the default dataset's own size
     )
     aux_logits: bool = True
     aux_weight: float = 0.4
@@ -104,6 +110,9 @@ class TrainParams:
     num_workers: int = 2
     max_batches_per_epoch: int | None = None  # tests and smoke runs only
     cuda_graphs: bool = True  # on one CUDA GPU, capture the training step once and replay it
+    schedule: str = "constant"  # learning rate over training: constant (the study's), cosine or onecycle
+    label_smoothing: float = 0.0  # the study's plain cross-entropy; e.g. 0.1 for tuned profiles
+    save_every_s: float = 60.0  # resume state (and MLflow's epoch metrics) at most this often; 0: every epoch
 
 
 @dataclass(frozen=True)
@@ -320,9 +329,11 @@ def _check(params: Params) -> None:
     for cond in t.conditions:
         if cond not in CONDITIONS:
             raise ConfigError(f"train.conditions: unknown condition '{cond}'; choose from {', '.join(CONDITIONS)}")
+    _check_scratch_only(t)
     for arch, size in t.image_size.items():
-        if size < 32:
-            raise ConfigError(f"train.image_size.{arch} = {size}; use an integer of at least 32")
+        minimum = SMALL_CNN_MIN_SIZE if arch == "small_cnn" else MIN_IMAGE_SIZE
+        if size < minimum:
+            raise ConfigError(f"train.image_size.{arch} = {size}; use an integer of at least {minimum}")
     if t.image_size.get("inception_v3", INCEPTION_MIN_SIZE) < INCEPTION_MIN_SIZE:
         raise ConfigError(
             f"train.image_size.inception_v3 = {t.image_size['inception_v3']}: Inception V3 needs at least "
@@ -334,6 +345,10 @@ def _check(params: Params) -> None:
             f"train.image_size.inception_v3 = {t.image_size['inception_v3']}: Inception V3's auxiliary "
             "classifier needs 299 px; raise the size or set train.aux_logits: false"
         )
+    if t.schedule not in SCHEDULES:
+        raise ConfigError(f"train.schedule = {t.schedule!r}; choose from {', '.join(SCHEDULES)}")
+    if not 0 <= t.label_smoothing < 1:
+        raise ConfigError(f"train.label_smoothing = {t.label_smoothing}; use a value in [0, 1), e.g. 0.1")
     if t.checkpoint not in ("best", "last"):
         raise ConfigError(f"train.checkpoint = {t.checkpoint!r}; use 'best' or 'last'")
     for name in ("epochs", "batch_size"):
@@ -377,6 +392,18 @@ def _check_split_repeats(s: SplitParams) -> None:
             raise ConfigError(f"split.train_fractions: {f!r} is not a fraction of the train split; use numbers in (0, 1]")
     if len(set(fractions)) < len(fractions):
         raise ConfigError(f"split.train_fractions = {list(fractions)} lists a fraction twice; list each once")
+
+
+def _check_scratch_only(t: TrainParams) -> None:
+    """A pretrained cell of an architecture without weights must be listed in train.exclude, not skipped silently."""
+    for arch in (a for a in t.architectures if a in SCRATCH_ONLY):
+        pretrained = [c for c in t.conditions if c != "scratch"]
+        missing = [f"{arch}-{c}" for c in pretrained if f"{arch}-{c}" not in t.exclude]
+        if missing:
+            raise ConfigError(
+                f"train.conditions includes {', '.join(pretrained)}, but {arch} has no pretrained weights; "
+                f"add {', '.join(missing)} to train.exclude or remove {arch} from train.architectures"
+            )
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

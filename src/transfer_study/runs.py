@@ -12,9 +12,9 @@
 - `predictions.csv`: the chosen checkpoint's predictions on every manifest row: `path, split,
   label, pred, prob_0 … prob_{K-1}` (label/pred index into `class_names`).
 
-A cell listed in train.exclude has a folder `<outputs>/models/<arch>-<condition>/` holding only
-EXCLUDED.txt, a line that says why (a DVC matrix stage must leave its out; readers skip it, since it
-has no run.json).
+A cell listed in train.exclude gets `<outputs>/models/<arch>-<condition>/EXCLUDED` instead (no
+run folder): dvc.yaml's train matrix makes a stage for every arch × condition and each must
+leave its out.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 from .config import UserError
 
 RUN_JSON = "run.json"
-EXCLUDED_NOTE = "EXCLUDED.txt"
+EXCLUDED = "EXCLUDED"
 RUN_JSON_KEYS = ("run_id", "experiment_id", "run_name", "architecture", "condition", "seed", "repeat",
                  "fraction", "train_per_class", "class_names", "image_size", "checkpoint", "model_uri",
                  "fingerprint")
@@ -38,13 +38,17 @@ def run_dir_for(models_dir: Path, group: str, variant: str) -> Path:
     return Path(models_dir) / group / variant
 
 
-def write_excluded_note(models_dir: Path, group: str, reason: str) -> Path:
-    """The folder of an excluded cell `group` (`<arch>-<condition>`), holding only a note with reason."""
-    folder = Path(models_dir) / group
+def cell_dir(models_dir: Path, architecture: str, condition: str) -> Path:
+    """`<models_dir>/<arch>-<condition>`: the folder of a cell's runs, dvc.yaml's train out."""
+    return Path(models_dir) / f"{architecture}-{condition}"
+
+
+def mark_excluded(models_dir: Path, architecture: str, condition: str) -> Path:
+    """Write `<models_dir>/<arch>-<condition>/EXCLUDED` for a cell in train.exclude; returns the folder."""
+    folder = cell_dir(models_dir, architecture, condition)
     folder.mkdir(parents=True, exist_ok=True)
-    note = folder / EXCLUDED_NOTE
-    note.write_text(reason.rstrip("\n") + "\n")
-    return note
+    (folder / EXCLUDED).write_text(f"{architecture}-{condition} is listed in train.exclude: nothing was trained.\n")
+    return folder
 
 
 def write_run_info(run_dir: Path, info: dict) -> None:

@@ -9,6 +9,7 @@ trains; only rank 0 writes files and talks to MLflow.
 from __future__ import annotations
 
 import json
+import math
 import random
 import sys
 import time
@@ -27,6 +28,7 @@ from .checkpoints import CHECKPOINT_DIR, WorkDir, atomic_save, copy_checkpoint, 
 from .config import Params, UserError, flatten_params, recorded_dataset_md5
 from .distributed import SINGLE_PROCESS, World
 from .imagestore import DeviceImages, TrainingData
+from .preprocess import check_crops_match
 from .runs import run_dir_for, write_run_info
 from .split import cell_manifest, read_manifest, train_images_per_class
 from .trainer import PREDICT_BATCH, Trainer, evaluate_loss
@@ -78,6 +80,8 @@ def train_cell(params: Params, cell: Cell, root: Path, tracking_uri: str, world:
             models.resolve_weights(cell.architecture, Path(t.weights_dir) if t.weights_dir else None)
 
     serve.requirements()  # versions the logged model pins: read now, not after the last epoch
+    # The crops on disk decide the preprocessing the model learns and the served model repeats.
+    check_crops_match(root / params.paths.cropped, params.preprocess)
     manifest = cell_manifest(read_manifest(root / params.paths.manifest), cell.repeat, cell.fraction)
     fingerprint = result_fingerprint(params, cell, manifest)
     run_dir = run_dir_for(root / params.paths.outputs / "models", cell.group, cell.variant)
@@ -113,7 +117,7 @@ def train_cell(params: Params, cell: Cell, root: Path, tracking_uri: str, world:
     try:
         val_rows = data.rows("val")
         recorder = EpochRecorder(trainer, work, tracker, lambda: images.in_order(val_rows, PREDICT_BATCH),
-                                 data.class_names, cell, t.epochs, state)
+                                 data.class_names, cell, params, state)
         log(f"[{cell.name}] ready to train on {device} after {time.perf_counter() - started:.1f}s")
         _train_epochs(trainer, images, data.rows("train"), params, cell, start_epoch, recorder)
         finishing = time.perf_counter()
@@ -164,21 +168,29 @@ def _start_run(params: Params, cell: Cell, root: Path, tracking_uri: str, work: 
 
 
 class EpochRecorder:
-    """Rank 0's part of each epoch: validate, save the resume state, then log to MLflow.
+    """Rank 0's part of each epoch: validate, then, when a save is due, save the resume state and
+    log the epochs it covers to MLflow.
 
-    In that order, so no epoch is logged twice or lost: a crash before the save redoes the
-    epoch, one after it resumes after the epoch and logs it then (RunTracker.log_missing_epochs).
+    In that order, so no epoch is logged twice or lost: a crash before a save redoes the epochs
+    since the last one, a crash after it resumes there and logs what the store missed
+    (RunTracker.log_missing_epochs). A save is due every `train.save_every_s` seconds and after
+    the last epoch: on a GPU an epoch takes a second, and writing VGG-19's 1.6 GB of weights and
+    optimiser state after each would take longer than the training.
     """
 
     def __init__(self, trainer: Trainer, work: WorkDir, tracker: tracking.RunTracker,
-                 val_batches: Callable[[], Iterator], class_names: list[str], cell: Cell, epochs: int,
+                 val_batches: Callable[[], Iterator], class_names: list[str], cell: Cell, params: Params,
                  state: dict | None):
         self.trainer, self.work, self.tracker, self.val_batches = trainer, work, tracker, val_batches
-        self.class_names, self.cell, self.epochs = class_names, cell, epochs
+        self.class_names, self.cell = class_names, cell
+        self.epochs, self.save_every_s = params.train.epochs, params.train.save_every_s
         self.history: list[dict] = list(state["history"]) if state else []
         self.best_val: float = state["best_val"] if state else -1.0
         self.best_epoch: int = state["best_epoch"] if state else 0
         self.best_sha256: str | None = state["best_sha256"] if state else None
+        self.best_weights: dict | None = None  # best weights not yet written (a copy, on the device)
+        self.unlogged: list[dict] = []
+        self.last_save = time.perf_counter()
 
     def record(self, epoch: int, train_loss: float, train_acc: float, started: float) -> None:
         trainer = self.trainer
@@ -187,22 +199,30 @@ class EpochRecorder:
         row = dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc,
                    val_loss=val_loss, val_acc=val_acc, seconds=time.perf_counter() - started)
         self.history.append(row)
-        best_weights = None
+        self.unlogged.append(row)
         if val_acc > self.best_val:
             self.best_val, self.best_epoch = val_acc, epoch
-            best_weights = {"model": trainer.model.state_dict(), "epoch": epoch, "val_acc": val_acc,
-                            "class_names": self.class_names}
+            self.best_weights = {"model": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+                                 "epoch": epoch, "val_acc": val_acc, "class_names": self.class_names}
+        if epoch == self.epochs or time.perf_counter() - self.last_save >= self.save_every_s:
+            self.save(epoch)
+        log(f"[{self.cell.name}] epoch {epoch}/{self.epochs} train_loss={train_loss:.4f} train_acc={train_acc:.4f} "
+            f"val_loss={val_loss:.4f} val_acc={val_acc:.4f} ({row['seconds']:.1f}s)")
+
+    def save(self, epoch: int) -> None:
+        """Write the resume state after `epoch` (and the best weights, if new), then log the epochs since the last save."""
+        trainer = self.trainer
         state = {"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
                  "torch_rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state(trainer.device) if trainer.device.type == "cuda" else None,
                  "epoch": epoch, "best_val": self.best_val,
                  "best_epoch": self.best_epoch, "best_sha256": self.best_sha256, "history": self.history,
                  "run_id": self.tracker.run_id}
-        self.work.save_epoch(state, best_weights)
-        self.best_sha256 = state["best_sha256"]
-        self.tracker.log_metrics(tracking.epoch_metrics(row), step=epoch)
-        log(f"[{self.cell.name}] epoch {epoch}/{self.epochs} train_loss={train_loss:.4f} train_acc={train_acc:.4f} "
-            f"val_loss={val_loss:.4f} val_acc={val_acc:.4f} ({row['seconds']:.1f}s)")
+        self.work.save_epoch(state, self.best_weights)
+        self.best_sha256, self.best_weights = state["best_sha256"], None
+        for row in self.unlogged:
+            self.tracker.log_metrics(tracking.epoch_metrics(row), step=row["epoch"])
+        self.unlogged, self.last_save = [], time.perf_counter()
 
 
 def _train_epochs(trainer: Trainer, images: DeviceImages, train_rows: np.ndarray, params: Params, cell: Cell,
@@ -215,6 +235,10 @@ def _train_epochs(trainer: Trainer, images: DeviceImages, train_rows: np.ndarray
         feature_cache = trainer.cached_features(images.in_order(train_rows, PREDICT_BATCH))
         if recorder is not None:
             log(f"[{cell.name}] frozen backbone, no augmentation: training the head on cached features")
+    steps_per_epoch = math.ceil(len(train_rows) / t.batch_size)
+    if t.max_batches_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, t.max_batches_per_epoch)
+    trainer.set_schedule(steps_per_epoch, t.epochs, steps_done=(start_epoch - 1) * steps_per_epoch)
     progress = CellProgress(cell.name, len(train_rows) * (t.epochs - start_epoch + 1), enabled=recorder is not None)
     for epoch in range(start_epoch, t.epochs + 1):
         started = time.perf_counter()

@@ -10,6 +10,7 @@ batches. Last, smaller batches of an epoch run eagerly through the same function
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -28,12 +29,33 @@ PREDICT_BATCH = 256  # validation and prediction: no gradients, so large batches
 GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before capture, as CUDA graphs require
 
 
-def loss_of(outputs, labels: torch.Tensor, aux_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_of(outputs, labels: torch.Tensor, aux_weight: float,
+            label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy on the main output, plus aux_weight × the aux loss when Inception gives one."""
     if isinstance(outputs, tuple):
         logits, aux = outputs
-        return F.cross_entropy(logits, labels) + aux_weight * F.cross_entropy(aux, labels), logits
-    return F.cross_entropy(outputs, labels), outputs
+        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        return loss + aux_weight * F.cross_entropy(aux, labels, label_smoothing=label_smoothing), logits
+    return F.cross_entropy(outputs, labels, label_smoothing=label_smoothing), outputs
+
+
+def learning_rate(schedule: str, peak: float, step: int, total_steps: int) -> float:
+    """The learning rate of optimiser step `step` (0-based) of `total_steps`.
+
+    constant: `peak` throughout (the study). cosine: from `peak` down to 0. onecycle: a linear
+    warm-up from peak/25 over the first quarter, then cosine down to peak/10⁴ (Smith's one-cycle,
+    as torch.optim.lr_scheduler.OneCycleLR with linear annealing up).
+    """
+    progress = min(step / max(total_steps - 1, 1), 1.0)
+    if schedule == "constant":
+        return peak
+    if schedule == "cosine":
+        return peak * 0.5 * (1 + math.cos(math.pi * progress))
+    warm = 0.25
+    if progress < warm:
+        return peak * (1 / 25 + (1 - 1 / 25) * progress / warm)
+    down = (progress - warm) / (1 - warm)
+    return peak * (1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * down)))
 
 
 class Trainer:
@@ -57,8 +79,11 @@ class Trainer:
         self.use_graph = device.type == "cuda" and t.cuda_graphs and not world.distributed
         cuda = device.type == "cuda"
         # fused: one kernel for the whole update; capturable: its step counters live on the GPU (graphs).
-        self.optimizer = torch.optim.Adam(trainable, lr=t.lr, weight_decay=t.weight_decay,
+        # A scheduled rate lives in a tensor on the device, so a captured step reads each new value.
+        lr = torch.tensor(t.lr, device=device) if self.use_graph and t.schedule != "constant" else t.lr
+        self.optimizer = torch.optim.Adam(trainable, lr=lr, weight_decay=t.weight_decay,
                                           fused=cuda or None, capturable=self.use_graph)
+        self.steps_done, self.total_steps = 0, 1  # the schedule's clock (set_schedule)
         # What a training step runs: the trained part, under DDP wrapped so that its gradients
         # are averaged across ranks. Checkpoints, validation and prediction use self.model.
         self.trained = world.wrap(self.model.head if self.frozen else self.model, device)
@@ -74,6 +99,22 @@ class Trainer:
         if state.get("cuda_rng") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.graph = None  # a graph holds the old tensors' addresses: capture again
+
+    def set_schedule(self, steps_per_epoch: int, epochs: int, steps_done: int) -> None:
+        """Where the learning-rate schedule stands: `steps_done` of steps_per_epoch × epochs."""
+        self.total_steps, self.steps_done = max(steps_per_epoch * epochs, 1), steps_done
+
+    def _advance_schedule(self) -> None:
+        t = self.params.train
+        if t.schedule == "constant":
+            return
+        value = learning_rate(t.schedule, t.lr, self.steps_done, self.total_steps)
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(value)
+            else:
+                group["lr"] = value
+        self.steps_done += 1
 
     def autocast(self, enabled: bool = True):
         """bf16 autocast on CUDA (without its weight cache, which CUDA graphs cannot hold); off elsewhere."""
@@ -95,7 +136,8 @@ class Trainer:
         with torch.no_grad():
             images = normalize(self.augment(images))
         with self.autocast():
-            loss, logits = loss_of(self._forward(images), labels, self.params.train.aux_weight)
+            loss, logits = loss_of(self._forward(images), labels, self.params.train.aux_weight,
+                                   self.params.train.label_smoothing)
         scaled = loss
         if self.world.distributed:
             # weighted so that the averaged gradient is that of the whole global batch, even when
@@ -125,6 +167,7 @@ class Trainer:
             if limit is not None and step >= limit:
                 break
             labels = labels.to(self.device, non_blocking=True)
+            self._advance_schedule()
             if self.use_graph and self.graph is None and labels.shape[0] == self.params.train.batch_size:
                 self.graph = StepGraph(self, images_u8, labels)
             if self.graph is not None and self.graph.fits(labels):
@@ -162,8 +205,9 @@ class Trainer:
         order = torch.randperm(len(labels), generator=generator).tolist()
         for rows in distributed.shard_batches(order, self.params.train.batch_size, self.world):
             batch = torch.tensor(rows, device=self.device)
+            self._advance_schedule()
             logits = self.trained(features[batch])
-            loss = F.cross_entropy(logits, labels[batch])
+            loss = F.cross_entropy(logits, labels[batch], label_smoothing=self.params.train.label_smoothing)
             scaled = loss
             if self.world.distributed:
                 (global_rows,) = self.world.sum([len(rows)], self.device)
