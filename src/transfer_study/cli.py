@@ -117,9 +117,7 @@ def train(ctx: click.Context, arch: str | None, condition: str | None) -> None:
 
     Under `torchrun --nproc_per_node N -m transfer_study.cli train ...` each cell trains with DDP."""
     from .cells import cells_for
-    from .distributed import process_group
     from .runs import mark_excluded
-    from .train import train_cell
 
     params = _params(ctx)
     cells = cells_for(params, arch, condition)
@@ -127,8 +125,13 @@ def train(ctx: click.Context, arch: str | None, condition: str | None) -> None:
         # dvc.yaml's train matrix has a stage for every arch × condition; an excluded one still leaves its out.
         folder = mark_excluded(_root() / params.paths.outputs / "models", arch, condition)
         click.echo(f"{arch}-{condition} is listed in train.exclude; nothing to train ({folder} says so)")
-    elif not cells:
+        return  # before importing torch and MLflow: an excluded stage takes half a second
+    if not cells:
         click.echo("every cell asked for is listed in train.exclude; nothing to train")
+        return
+    from .distributed import process_group
+    from .train import train_cell
+
     with process_group(config.launch_env()) as world:
         for cell in cells:
             train_cell(params, cell, _root(), config.tracking_uri(), world)
