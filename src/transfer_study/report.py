@@ -377,7 +377,7 @@ def your_data_markdown(class_names: list[str], stale_data_dvc: bool) -> str:
             "figure1.png show your data alone.\n")
     if stale_data_dvc:
         text += ("\ndata.dvc still records the default dataset, but the runs were trained on other classes: "
-                 "record your data with `dvc commit data.dvc`, then `git commit data.dvc`.\n")
+                 "record your data with `dvc commit --force data.dvc`, then `git commit data.dvc`.\n")
     return text
 
 
