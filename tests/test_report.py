@@ -171,7 +171,7 @@ def test_stale_data_dvc_does_not_bring_the_study_in(report, tmp_path):
     write_report(report / "evaluation", tmp_path / "models", tmp_path / "reports", STUDY_TABLE, PARAMS,
                  is_study_data=True)
     comparison = (tmp_path / "reports" / "comparison.md").read_text()
-    assert "temple" in comparison and "`dvc commit data.dvc`" in comparison and "|" not in comparison
+    assert "temple" in comparison and "`dvc commit --force data.dvc`" in comparison and "|" not in comparison
     assert "your data" in (tmp_path / "reports" / "table1.md").read_text().splitlines()[0]
     assert not (tmp_path / "reports" / "comparison.csv").exists()
 
