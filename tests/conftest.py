@@ -52,6 +52,24 @@ def make_split_project(root: Path, per_class: int = 6, size: int = 80, classes=(
     return manifest
 
 
+def interrupt_training_at_epoch(monkeypatch, epoch: int):
+    """Make the next training raise KeyboardInterrupt (Ctrl-C) when its `epoch`-th call of
+    Trainer.train_epoch starts, after the earlier epochs' resume state was saved. Returns the
+    real train_epoch, to put back (monkeypatch.setattr) before the rerun."""
+    from transfer_study.trainer import Trainer
+
+    original, calls = Trainer.train_epoch, []
+
+    def train_epoch(self, loader, progress):
+        calls.append(1)
+        if len(calls) == epoch:
+            raise KeyboardInterrupt
+        return original(self, loader, progress)
+
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+    return original
+
+
 @pytest.fixture(autouse=True)
 def restore_tracking_uri():
     """mlflow.set_tracking_uri sets a process-wide URI and MLFLOW_TRACKING_URI; undo it after each test."""

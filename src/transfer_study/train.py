@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from . import distributed, models, serve, tracking
 from .cells import Cell
-from .checkpoints import CHECKPOINT_DIR, WorkDir, atomic_save, copy_checkpoint, load_checkpoint, result_fingerprint
+from .checkpoints import (CHECKPOINT_DIR, WorkDir, atomic_save, copy_checkpoint, load_checkpoint,
+                          result_fingerprint, stale_work_dirs)
 from .config import Params, UserError, flatten_params
 from .distributed import SINGLE_PROCESS, World
 from .imagestore import TrainingData, batch_loader, shard_loader
@@ -88,6 +89,10 @@ def train_cell(params: Params, cell: Cell, root: Path, tracking_uri: str, world:
     state = work.load_state()
     if state is not None:
         trainer.restore(state)
+    elif world.is_main:
+        for stale in stale_work_dirs(root / CHECKPOINT_DIR, cell.name, work.path):
+            log(f"[{cell.name}] starting fresh: params or data changed since '{stale}' was written; it is kept "
+                f"(delete it unless you go back to those settings)")
     start_epoch = state["epoch"] + 1 if state else 1
     if world.rank > 0:
         # Other ranks draw their own augmentation and dropout; rank 0 keeps the single-process stream.
