@@ -137,6 +137,23 @@ def test_mcnemar_exact_on_small_discordance():
     assert result["p_value"] == pytest.approx(0.0386, abs=1e-4)  # 2 * (1 + 12 + 66) / 2**12
 
 
+@pytest.mark.parametrize("b, c, method", [(17, 7, "exact"), (18, 7, "chi-square")])
+def test_mcnemar_is_exact_below_25_discordant_pairs(b, c, method):
+    """b + c = 24 takes the exact binomial test, 25 the chi-square; the two p-values differ enough
+    here (24: 0.064 exact vs 0.066 chi-square; 25: 0.043 vs 0.045) that the test shows which ran."""
+    from scipy import stats
+
+    exact = 2 * stats.binom.cdf(min(b, c), b + c, 0.5)
+    chi_square = stats.chi2.sf((abs(b - c) - 1) ** 2 / (b + c), df=1)
+    assert abs(exact - chi_square) > 1e-3
+    result = mcnemar(*paired_results(40, b, c, 9))
+    assert (result["b"], result["c"]) == (b, c)
+    if method == "exact":
+        assert result["method"] == "exact binomial" and result["p_value"] == pytest.approx(exact, rel=1e-9)
+    else:
+        assert result["method"].startswith("chi-square") and result["p_value"] == pytest.approx(chi_square, rel=1e-9)
+
+
 def test_mcnemar_chi_square_textbook_example():
     # Agresti's approval ratings: 794 / 150 / 86 / 570; corrected chi-square = 63**2 / 236.
     result = mcnemar(*paired_results(794, 150, 86, 570))

@@ -89,6 +89,8 @@ def train_cell(params: Params, cell: Cell, root: Path, tracking_uri: str, world:
     state = work.load_state()
     if state is not None:
         trainer.restore(state)
+        if world.is_main:  # before the MLflow run is continued: a corrupt file must leave it alone
+            work.check_best(state)
     elif world.is_main:
         for stale in stale_work_dirs(root / CHECKPOINT_DIR, cell.name, work.path):
             log(f"[{cell.name}] starting fresh: params or data changed since '{stale}' was written; it is kept "
@@ -146,7 +148,6 @@ def _start_run(params: Params, cell: Cell, root: Path, tracking_uri: str, work: 
     if state is not None:
         log(f"[{cell.name}] resuming MLflow run {tracker.run_id} from epoch {state['epoch'] + 1} "
             f"(state: {work.state_file})")
-        work.check_best(state)
         tracker.log_missing_epochs(state["history"], cell.name)
     return tracker, experiment_id
 
