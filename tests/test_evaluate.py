@@ -251,6 +251,17 @@ def test_evaluate_runs_without_runs_says_to_train(tmp_path):
         evaluate_runs(tmp_path / "models", tmp_path / "evaluation", EvaluateParams(), f"sqlite:///{tmp_path}/x.db")
 
 
+def test_a_run_the_store_lacks_is_named_with_the_fix(tmp_path, tracking):
+    uri, experiment_id = tracking
+    write_fake_run(tmp_path / "models", None, experiment_id, "resnet18", "scratch", 0, 0.7)  # not in the store
+
+    with pytest.raises(UserError) as error:
+        evaluate_runs(tmp_path / "models", tmp_path / "evaluation", EvaluateParams(bootstrap_samples=50), uri)
+    message = str(error.value)
+    assert f"run resnet18-scratch-s0 names MLflow run {'0' * 32}, which the tracking store '{uri}'" in message
+    assert "MLFLOW_TRACKING_URI" in message and "dvc repro train" in message
+
+
 def test_malformed_predictions_name_the_file(tmp_path):
     write_fake_run(tmp_path / "models", None, "0", "resnet18", "scratch", 0, 0.7)  # fails before MLflow
     bad = tmp_path / "models" / "resnet18-scratch" / "s0" / "predictions.csv"

@@ -206,6 +206,24 @@ def test_resume_logs_the_epochs_the_store_missed(tracking_uri, capsys):
     assert "logging epoch 3's metrics" in capsys.readouterr().err
 
 
+def test_a_run_that_cannot_be_continued_names_the_resume_folder_to_delete(tracking_uri, tmp_path):
+    spec = tracking.CellRun(experiment="transfer-study", run_name="resnet18-scratch-s0", params={"a": "1"}, tags={})
+    store = MlflowClient(tracking_uri)
+    deleted = store.create_run(tracking.ensure_experiment(tracking_uri, "transfer-study", None)).info.run_id
+    store.delete_run(deleted)
+    work = tmp_path / "checkpoints" / "resnet18-scratch-s0-0123456789ab"
+    for run_id in (deleted, "f" * 32):  # deleted from this store; never in it (another store's)
+        with pytest.raises(UserError) as error:
+            tracking.start_cell_run(tracking_uri, spec, run_id, work)
+        message = str(error.value)
+        assert f"cannot continue MLflow run {run_id} of '{work}' in {tracking_uri}" in message
+        assert f"delete '{work}' to train the cell again" in message
+        assert mlflow.active_run() is None
+    tracker, _ = tracking.start_cell_run(tracking_uri, spec, None, work)  # no resume: a new run
+    assert tracker.run_id != deleted and store.get_run(tracker.run_id).data.params == {"a": "1"}
+    tracker.finish()
+
+
 # --------------------------------------------------------------------------------------------
 # Checkpoints: checksums, corruption, full disk
 # --------------------------------------------------------------------------------------------

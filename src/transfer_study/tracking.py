@@ -283,6 +283,17 @@ class CellRun:
     tags: dict[str, str]
 
 
+def _check_not_deleted(tracking_uri: str, run_id: str) -> None:
+    """Raise MlflowException when run_id is deleted: MLflow refuses to continue it with an
+    INTERNAL_ERROR, which call_with_retry would take for an unreachable store and retry."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    run = call_with_retry("read run", lambda: MlflowClient(tracking_uri).get_run(run_id))
+    if run.info.lifecycle_stage == "deleted":
+        raise MlflowException("the run is deleted", error_code="INVALID_STATE")
+
+
 def start_cell_run(tracking_uri: str, spec: CellRun, resume_run_id: str | None,
                    resume_dir: Path) -> tuple[RunTracker, str]:
     """Start the cell's MLflow run, or continue `resume_run_id` (an interrupted attempt's);
@@ -292,6 +303,8 @@ def start_cell_run(tracking_uri: str, spec: CellRun, resume_run_id: str | None,
 
     experiment_id = ensure_experiment(tracking_uri, spec.experiment, artifact_location_for(tracking_uri))
     try:
+        if resume_run_id is not None:
+            _check_not_deleted(tracking_uri, resume_run_id)
         tracker = RunTracker.start(tracking_uri, experiment_id, spec.run_name, resume_run_id)
     except MlflowException as exc:  # the run was deleted, or this is another store
         if resume_run_id is None:
