@@ -180,13 +180,17 @@ class RunTracker:
               policy: RetryPolicy = RetryPolicy()) -> RunTracker:
         """Create a run, or continue run_id (any status but deleted), and make it the active run."""
         import mlflow
+        from mlflow.tracking import MlflowClient
+        from mlflow.tracking.context.registry import resolve_tags
 
         mlflow.set_tracking_uri(tracking_uri)
-        run = call_with_retry(
-            "start run",
-            lambda: mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, experiment_id=experiment_id),
-            policy,
-        )
+        if run_id is None:
+            # Created here, in experiment_id: mlflow.start_run() without a run_id would continue
+            # $MLFLOW_RUN_ID instead, which `mlflow run` sets to its own run (in another experiment).
+            client = MlflowClient(tracking_uri)
+            run_id = call_with_retry("create run", lambda: client.create_run(
+                experiment_id, run_name=run_name, tags=resolve_tags()).info.run_id, policy)
+        run = call_with_retry("start run", lambda: mlflow.start_run(run_id=run_id), policy)
         return cls(run.info.run_id, tracking_uri, policy)
 
     def _call(self, what: str, call: Callable[[], T]) -> T:
