@@ -129,18 +129,33 @@ def test_fetch_matches_the_committed_data_dvc(tmp_path):
 
 
 @pytest.mark.slow
-def test_mlflow_run_executes_an_mlproject_entry_point(tmp_path):
-    """`mlflow run . -e <entry> --env-manager local` runs a stage through MLproject."""
+def test_mlflow_run_main_runs_the_pipeline_and_records_it_in_the_store(tmp_path):
+    """`mlflow run . -e main --env-manager local`: MLproject's main runs every stage (tiny params);
+    the cell's run lands in the study's experiment, apart from `mlflow run`'s own run."""
+    from mlflow.tracking import MlflowClient
+
     if not FMNIST_DIR.is_dir():
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
     root = copy_repo(tmp_path / "repo")
     _tiny_params(root)
-    env = _env(root) | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'projects.db'}"}
-    for entry in ("fetch", "validate"):
-        _run([str(BIN / "mlflow"), "run", ".", "-e", entry, "--env-manager", "local"], root, env)
+    uri = f"sqlite:///{tmp_path / 'projects.db'}"
+    _run([str(BIN / "mlflow"), "run", ".", "-e", "main", "--env-manager", "local"], root,
+         _env(root) | {"MLFLOW_TRACKING_URI": uri})
     summary = json.loads((root / "data/validation.json").read_text())
     assert summary["total_images"] == 36 and summary["passed"] is True
 
+    client = MlflowClient(uri)
+    (project_run,) = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
+    assert project_run.data.tags["mlflow.project.entryPoint"] == "main" and project_run.info.status == "FINISHED"
+    (cell_run,) = client.search_runs([client.get_experiment_by_name("transfer-study").experiment_id])
+    assert cell_run.info.run_name == "efficientnet_lite0-frozen-s0" and cell_run.info.status == "FINISHED"
+    assert cell_run.info.run_id != project_run.info.run_id
+    assert {"val_acc", "best_val_acc", "test_accuracy"} <= set(cell_run.data.metrics)  # train and evaluate
+    run_info = json.loads((root / "models/efficientnet_lite0-frozen/s0/run.json").read_text())
+    assert run_info["run_id"] == cell_run.info.run_id
+    assert run_info["experiment_id"] == cell_run.info.experiment_id
+    champion = client.get_model_version_by_alias("clothing-classifier", "champion")
+    assert champion.run_id == cell_run.info.run_id
 
 OWN_DATA_FENCE = "```bash own-data\n"
 

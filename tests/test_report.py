@@ -124,9 +124,18 @@ def test_comparison_maps_conditions_and_marks_missing_cells(report):
     assert "| 0.8333 | — |" in inception  # study accuracy, our cell missing
 
 
-def test_figure1_is_a_png(report):
-    assert (report / "reports" / "figure1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (report / "reports-yours" / "figure1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_figure1_draws_a_bar_per_condition_and_the_studys_marks(report):
+    from PIL import Image
+
+    with Image.open(report / "reports" / "figure1.png") as image:
+        assert image.size == (768, 540)  # (2 + 2.2 per architecture) x 4.5 inches at 120 dpi
+        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+    colours, counts = np.unique(pixels, axis=0, return_counts=True)
+    drawn = {tuple(c): n for c, n in zip(colours.tolist(), counts)}
+    # matplotlib's first three colours: scratch, frozen, finetune bars (solid, thousands of pixels)
+    for condition, colour in (("scratch", (31, 119, 180)), ("frozen", (255, 127, 14)), ("finetune", (44, 160, 44))):
+        assert drawn.get(colour, 0) > 1000, f"no {condition} bars"
+    assert drawn.get((255, 0, 0), 0) > 20, "no study markers"
 
 
 def test_report_on_your_data_compares_nothing_with_the_study(report):

@@ -87,16 +87,42 @@ def test_pyfunc_classifies_raw_images_in_process(trained_model):
     assert set(answer.columns) == {"label", "prob_blue", "prob_red"}
 
 
-def test_bad_inputs_raise_a_clear_error_in_process(trained_model):
+@pytest.fixture(scope="module")
+def refused() -> dict[str, tuple[list[str], str]]:
+    """Requests that MLflow's schema accepts (strings in column 'image') but the pyfunc's own checks
+    (serve.images_from_request, decode_image) refuse: name -> (images, start of the project's message)."""
+    huge = io.BytesIO()
+    Image.new("L", (7100, 7100)).save(huge, format="PNG")  # 50 megapixels, a few hundred KB compressed
+    good = _png_b64(_garment("red", 0))
+    return {
+        "not base64": (["@@@ not base64 @@@"], "row 0: 'image' is not valid base64"),
+        "empty": ([""], "row 0: 'image' must be a non-empty base64 string"),
+        "not an image": ([base64.b64encode(b"hello world").decode()], "row 0: the data is not a readable image"),
+        "second row": ([good, "@@@"], "row 1: 'image' is not valid base64"),
+        "50 megapixels": ([base64.b64encode(huge.getvalue()).decode()],
+                          "row 0: the data is 7100x7100 pixels, more than the limit of 40000000"),
+        "40 M characters": (["A" * 40_000_001],
+                            "row 0: the encoded image is 40,000,001 characters; the limit is 40,000,000"),
+        # each under the 40 M per-image cap; together over the 64 M request cap (serve.py's constants)
+        "66 M characters": (["A" * 33_000_000] * 2,
+                            "the request's images are 66,000,000 base64 characters together; the limit is 64,000,000"),
+    }
+
+
+def test_the_pyfuncs_own_checks_refuse_what_the_schema_lets_through(trained_model, refused):
     from mlflow.exceptions import MlflowException
 
     uri, model_uri = trained_model
     mlflow.set_tracking_uri(uri)
-    model = mlflow.pyfunc.load_model(model_uri)
-    with pytest.raises(MlflowException, match="not valid base64"):
-        model.predict(pd.DataFrame({"image": ["%%% not base64 %%%"]}))
-    with pytest.raises(MlflowException, match="image"):
-        model.predict(pd.DataFrame({"image": [base64.b64encode(b"plain text, not an image").decode()]}))
+    model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()  # no MLflow schema check in front
+    assert list(model.predict(None, pd.DataFrame({"image": [_png_b64(_garment("blue", 1))]}))["label"]) == ["blue"]
+    cases = dict(refused) | {"no image column": (None, "the request needs a column named 'image'; got ['picture']")}
+    for name, (images, message) in cases.items():
+        frame = pd.DataFrame({"image": images} if images else {"picture": ["x"]})
+        with pytest.raises(MlflowException) as error:
+            model.predict(None, frame)
+        assert error.value.message.startswith(message), name
+        assert error.value.error_code == "INVALID_PARAMETER_VALUE", name  # served as HTTP 400
 
 
 def test_served_small_cnn_sees_what_training_saw(tmp_path, tracking_uri):
@@ -179,7 +205,7 @@ def _good_request() -> bytes:
 
 
 @pytest.mark.slow
-def test_real_server_answers_and_survives_bad_requests(server, tmp_path):
+def test_real_server_answers_and_survives_bad_requests(server, refused, tmp_path):
     invocations = server + "/invocations"
     status, answer = _post(invocations, _good_request())
     assert status == 200 and answer["predictions"][0]["label"] == "red"
@@ -187,20 +213,16 @@ def test_real_server_answers_and_survives_bad_requests(server, tmp_path):
     status, answer = _post(invocations, json.dumps({"inputs": [_png_b64(_garment("blue", 1))]}).encode())
     assert status == 200 and answer["predictions"][0]["label"] == "blue"
 
-    huge = io.BytesIO()
-    Image.new("L", (7100, 7100)).save(huge, format="PNG")  # 50 megapixels, a few hundred KB compressed
-    bad_requests = {
-        "not base64": {"dataframe_split": {"columns": ["image"], "data": [["@@@ not base64 @@@"]]}},
-        "not an image": {"dataframe_split": {"columns": ["image"],
-                                             "data": [[base64.b64encode(b"hello world").decode()]]}},
-        "wrong column": {"dataframe_split": {"columns": ["picture"], "data": [[_png_b64(_garment("red", 0))]]}},
-        "50 megapixels": {"inputs": [base64.b64encode(huge.getvalue()).decode()]},
-    }
-    for name, body in bad_requests.items():
+    for name, (images, message) in refused.items():
+        body = {"dataframe_split": {"columns": ["image"], "data": [[image] for image in images]}}
         status, answer = _post(invocations, json.dumps(body).encode())
-        assert 400 <= status < 500, f"{name}: status {status}"
+        assert status == 400, f"{name}: status {status}"
+        assert f"Error: {message}" in answer.get("message", ""), f"{name}: not the pyfunc's refusal"
         assert "Traceback" not in json.dumps(answer), f"{name}: traceback in the answer"
-        assert answer.get("message"), f"{name}: no message"
+    # MLflow's schema check, before the pyfunc: a wrong column
+    wrong_column = {"dataframe_split": {"columns": ["picture"], "data": [[_png_b64(_garment("red", 0))]]}}
+    status, answer = _post(invocations, json.dumps(wrong_column).encode())
+    assert 400 <= status < 500 and answer.get("message") and "Traceback" not in json.dumps(answer)
     status, _ = _post(invocations, b"")
     assert 400 <= status < 500, f"empty body: status {status}"
 

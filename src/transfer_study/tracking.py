@@ -182,14 +182,17 @@ class RunTracker:
               policy: RetryPolicy = RetryPolicy(), tags: dict[str, str] | None = None) -> RunTracker:
         """Create a run (with `tags`), or continue run_id (any status but deleted), and make it the active run."""
         import mlflow
+        from mlflow.tracking import MlflowClient
+        from mlflow.tracking.context.registry import resolve_tags
 
         mlflow.set_tracking_uri(tracking_uri)
-        run = call_with_retry(
-            "start run",
-            lambda: mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, experiment_id=experiment_id,
-                                     tags=None if run_id else tags),
-            policy,
-        )
+        if run_id is None:
+            # Created here, in experiment_id: mlflow.start_run() without a run_id would continue
+            # $MLFLOW_RUN_ID instead, which `mlflow run` sets to its own run (in another experiment).
+            client = MlflowClient(tracking_uri)
+            run_id = call_with_retry("create run", lambda: client.create_run(
+                experiment_id, run_name=run_name, tags=resolve_tags(tags)).info.run_id, policy)
+        run = call_with_retry("start run", lambda: mlflow.start_run(run_id=run_id), policy)
         return cls(run.info.run_id, tracking_uri, policy)
 
     def _call(self, what: str, call: Callable[[], T]) -> T:
@@ -286,6 +289,17 @@ class CellRun:
     tags: dict[str, str]
 
 
+def _check_not_deleted(tracking_uri: str, run_id: str) -> None:
+    """Raise MlflowException when run_id is deleted: MLflow refuses to continue it with an
+    INTERNAL_ERROR, which call_with_retry would take for an unreachable store and retry."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    run = call_with_retry("read run", lambda: MlflowClient(tracking_uri).get_run(run_id))
+    if run.info.lifecycle_stage == "deleted":
+        raise MlflowException("the run is deleted", error_code="INVALID_STATE")
+
+
 def start_cell_run(tracking_uri: str, spec: CellRun, resume_run_id: str | None,
                    resume_dir: Path, parent: str | None = None) -> tuple[RunTracker, str]:
     """Start the cell's MLflow run, or continue `resume_run_id` (an interrupted attempt's);
@@ -299,6 +313,8 @@ def start_cell_run(tracking_uri: str, spec: CellRun, resume_run_id: str | None,
     if parent is not None and resume_run_id is None:
         tags["mlflow.parentRunId"] = parent_run(tracking_uri, experiment_id, parent, spec.params)
     try:
+        if resume_run_id is not None:
+            _check_not_deleted(tracking_uri, resume_run_id)
         tracker = RunTracker.start(tracking_uri, experiment_id, spec.run_name, resume_run_id, tags=tags)
     except MlflowException as exc:  # the run was deleted, or this is another store
         if resume_run_id is None:

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from . import distributed, models, serve, tracking
 from .cells import Cell, runs_per_group
-from .checkpoints import CHECKPOINT_DIR, WorkDir, atomic_save, copy_checkpoint, load_checkpoint, result_fingerprint
+from .checkpoints import (CHECKPOINT_DIR, WorkDir, atomic_save, copy_checkpoint, load_checkpoint,
+                          result_fingerprint, stale_work_dirs)
 from .config import Params, UserError, flatten_params, recorded_dataset_md5
 from .distributed import SINGLE_PROCESS, World
 from .imagestore import DeviceImages, TrainingData
@@ -100,6 +101,12 @@ def train_cell(params: Params, cell: Cell, root: Path, tracking_uri: str, world:
     state = work.load_state()
     if state is not None:
         trainer.restore(state)
+        if world.is_main:  # before the MLflow run is continued: a corrupt file must leave it alone
+            work.check_best(state)
+    elif world.is_main:
+        for stale in stale_work_dirs(root / CHECKPOINT_DIR, cell.name, work.path):
+            log(f"[{cell.name}] starting fresh: params or data changed since '{stale}' was written; it is kept "
+                f"(delete it unless you go back to those settings)")
     start_epoch = state["epoch"] + 1 if state else 1
     if world.rank > 0:
         # Other ranks draw their own augmentation and dropout; rank 0 keeps the single-process stream.
@@ -162,7 +169,6 @@ def _start_run(params: Params, cell: Cell, root: Path, tracking_uri: str, work: 
     if state is not None:
         log(f"[{cell.name}] resuming MLflow run {tracker.run_id} from epoch {state['epoch'] + 1} "
             f"(state: {work.state_file})")
-        work.check_best(state)
         tracker.log_missing_epochs(state["history"], cell.name)
     return tracker, experiment_id
 
