@@ -69,7 +69,8 @@ def save_curve_figure(points: pd.DataFrame, path: Path, confidence: float = 0.95
         band = line.dropna(subset=["low", "high"])
         if len(band):
             ax.fill_between(band[X], band["low"], band["high"], color=colours[arch], alpha=0.15, linewidth=0)
-    ax.set_xscale("log")
+    if (points[X] > 0).all():  # a log axis needs positive sizes
+        ax.set_xscale("log")
     sizes = np.sort(points[X].unique())
     ax.set_xticks(sizes, [f"{s:g}" for s in sizes])
     ax.minorticks_off()
