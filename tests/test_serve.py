@@ -286,7 +286,8 @@ def test_real_server_answers_with_the_ensemble_as_with_a_single_model(ensemble_s
     frame = _check_answers_and_bad_requests(ensemble_server, tmp_path)
 
     # The mean of the members (each at its own input size, the first flipping), at temperature 2.
-    members = [_member(weights, config, tmp_path / str(n)) for n, (weights, config) in enumerate(served_models["members"])]
+    members = [_member(weights, config, tmp_path / str(n))
+               for n, (weights, config) in enumerate(served_models["members"])]
     assert [m.image_size for m in members] == [32, 40] and [m.tta for m in members] == [True, False]
     mean = np.mean([m.probabilities(_colour_images()) for m in members], axis=0)
     assert np.allclose(frame[["prob_blue", "prob_red"]].to_numpy(), temperature_scaled(mean, 2.0), atol=1e-5)

@@ -152,7 +152,7 @@ def report(ctx: click.Context) -> None:
 @cli.command()
 @click.pass_context
 def register(ctx: click.Context) -> None:
-    """Register every run's model; serve the best on validation (maybe an ensemble, flipped, calibrated) as @champion."""
+    """Register every run's model; serve the best on validation (an ensemble, flips, calibrated) as @champion."""
     from .registry import RegisterPaths, promote_champion
 
     params = _params(ctx)

@@ -282,7 +282,8 @@ def write_calibration_report(val: tuple[np.ndarray, np.ndarray], test: tuple[np.
     from .calibration import ECE_BINS, TEMPERATURE_RANGE, reliability_diagram, temperature_scaled
 
     # At an end of the searched range the validation set said little (e.g. it was all correct).
-    report = {"temperature": temperature, "temperature_at_bound": temperature in TEMPERATURE_RANGE, "ece_bins": ECE_BINS,
+    report = {"temperature": temperature, "temperature_at_bound": temperature in TEMPERATURE_RANGE,
+              "ece_bins": ECE_BINS,
               "val": split_report(*val, temperature), "test": split_report(*test, temperature)}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "calibration.json").write_text(json.dumps(report, indent=2) + "\n")
