@@ -1,4 +1,5 @@
-"""The servable pyfunc, in process and behind a real `mlflow models serve` process."""
+"""The servable pyfunc, in process and behind a real `mlflow models serve` process: a single
+trained model, the calibrated champion the register stage builds, and an ensemble."""
 
 from __future__ import annotations
 
@@ -17,15 +18,20 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import make_raw_project, tiny_params
 from PIL import Image, ImageDraw
 
 from transfer_study import client
+from transfer_study.calibration import temperature_scaled
 from transfer_study.cells import Cell
 from transfer_study.config import PreprocessParams
+from transfer_study.evaluate import evaluate_runs
 from transfer_study.preprocess import write_crop_record
+from transfer_study.registry import RegisterPaths, promote_champion
+from transfer_study.serve import ImageClassifier, classifier_files, with_serving_options
 from transfer_study.train import train_cell
 
 COLOURS = {"blue": (30, 60, 200), "red": (210, 30, 30)}
@@ -38,6 +44,10 @@ def _garment(colour: str, jitter: int) -> Image.Image:
     offset = 10 + 3 * jitter
     draw.rectangle([offset, offset + 5, offset + 50, offset + 60], fill=COLOURS[colour])
     return img
+
+
+def _colour_images() -> list:
+    return [_garment("red", 3).convert("RGB"), _garment("blue", 4).convert("RGB")]
 
 
 def _make_colour_project(root: Path, per_class: int = 8) -> None:
@@ -62,20 +72,58 @@ def _png_b64(img: Image.Image) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+COLOUR_PARAMS = {"epochs": 4, "lr": 3e-3, "batch_size": 6}
+
+
 @pytest.fixture(scope="module")
-def trained_model(tmp_path_factory, empty_mlflow_db) -> tuple[str, str]:
-    """Train Lite0 (frozen, real ImageNet weights) on the colour classes; register it @champion."""
+def colour_project(tmp_path_factory, empty_mlflow_db) -> tuple[Path, str]:
     root = tmp_path_factory.mktemp("serve_project")
     _make_colour_project(root)
     shutil.copy(empty_mlflow_db, root / "mlflow.db")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    params = tiny_params(epochs=4, lr=3e-3, batch_size=6)
-    run_dir = train_cell(params, Cell("efficientnet_lite0", "frozen", 0), root, uri)
-    info = json.loads((run_dir / "run.json").read_text())
+    return root, f"sqlite:///{root / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def trained_model(colour_project) -> tuple[str, str]:
+    """Train Lite0 (frozen, real ImageNet weights) on the colour classes: (tracking URI, model URI)."""
+    root, uri = colour_project
+    run_dir = train_cell(tiny_params(**COLOUR_PARAMS), Cell("efficientnet_lite0", "frozen", 0), root, uri)
+    return uri, json.loads((run_dir / "run.json").read_text())["model_uri"]
+
+
+@pytest.fixture(scope="module")
+def served_models(colour_project, trained_model) -> dict:
+    """The pipeline's last stages on two trained runs (the second: another seed at another input
+    size, 40 px): evaluate, then register, which makes @champion the calibrated model it chose on
+    validation; plus an ensemble of both runs (flips on the first, temperature 2) at @ensemble."""
+    from transfer_study.ensemble import log_ensemble_model
+
+    root, uri = colour_project
+    sizes = {"resnet18": 32, "vgg19": 32, "inception_v3": 75, "efficientnet_lite0": 40}
+    # seed 2 and lr 1e-2: this tiny set's second head learns red from blue within 4 epochs
+    train_cell(tiny_params(**(COLOUR_PARAMS | {"lr": 1e-2}), image_size=sizes), Cell("efficientnet_lite0", "frozen", 2),
+               root, uri)
+    out = root / "out"
+    runs = evaluate_runs(out / "models", out / "evaluation", tiny_params().evaluate, uri)
+    champion = promote_champion(RegisterPaths(out / "evaluation" / "runs.csv", out / "models", root, out / "registry"),
+                                "colour-classifier", uri)
+
     mlflow.set_tracking_uri(uri)
-    version = mlflow.register_model(info["model_uri"], "colour-classifier")
-    mlflow.MlflowClient(uri).set_registered_model_alias("colour-classifier", "champion", version.version)
-    return uri, info["model_uri"]
+    files = {}  # run → its logged model's weights file and config.json content
+    for run, model_uri in sorted(zip(runs["run"], runs["model_uri"])):
+        weights, config = classifier_files(Path(mlflow.artifacts.download_artifacts(
+            model_uri, dst_path=str(root / "members" / run))))
+        files[run] = (weights, json.loads(config.read_text()))
+    members = [(weights, with_serving_options(config, tta=n == 0, temperature=1.0))
+               for n, (weights, config) in enumerate(files.values())]
+    spec = {"class_names": ["blue", "red"], "temperature": 2.0,
+            "members": [{"run": run, "tta": n == 0} for n, run in enumerate(files)]}
+    experiment = mlflow.get_experiment_by_name(tiny_params().tracking.experiment)
+    with mlflow.start_run(experiment_id=experiment.experiment_id, run_name="ensemble"):
+        info = log_ensemble_model(members, spec)
+    version = mlflow.register_model(info.model_uri, "colour-classifier")
+    mlflow.MlflowClient(uri).set_registered_model_alias("colour-classifier", "ensemble", version.version)
+    return {"uri": uri, "champion": champion, "files": files, "members": members}
 
 
 def test_pyfunc_classifies_raw_images_in_process(trained_model):
@@ -85,6 +133,36 @@ def test_pyfunc_classifies_raw_images_in_process(trained_model):
     answer = model.predict(pd.DataFrame({"image": [_png_b64(_garment("red", 1)), _png_b64(_garment("blue", 2))]}))
     assert list(answer["label"]) == ["red", "blue"]
     assert set(answer.columns) == {"label", "prob_blue", "prob_red"}
+
+
+def test_flips_and_temperature_act_on_the_networks_output_in_process(trained_model, tmp_path):
+    import torch
+
+    uri, model_uri = trained_model
+    mlflow.set_tracking_uri(uri)
+    weights, config = classifier_files(Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path))))
+    config = json.loads(config.read_text())
+    assert config["tta"] is False and config["temperature"] == 1.0  # what training logs
+    plain = _member(weights, config, tmp_path / "plain")
+    batch = plain.model_input(_colour_images())
+    with torch.inference_mode():
+        network, mirrored = (torch.softmax(plain.model(x), 1).numpy() for x in (batch, batch.flip(-1)))
+    assert np.allclose(plain.probabilities(_colour_images()), network, atol=1e-6)
+    flipping = _member(weights, with_serving_options(config, tta=True, temperature=3.0), tmp_path / "flipping")
+    assert np.allclose(flipping.probabilities(_colour_images()), temperature_scaled((network + mirrored) / 2, 3.0),
+                       atol=1e-6)
+
+
+def test_bad_inputs_raise_a_clear_error_in_process(trained_model):
+    from mlflow.exceptions import MlflowException
+
+    uri, model_uri = trained_model
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model(model_uri)
+    with pytest.raises(MlflowException, match="not valid base64"):
+        model.predict(pd.DataFrame({"image": ["%%% not base64 %%%"]}))
+    with pytest.raises(MlflowException, match="image"):
+        model.predict(pd.DataFrame({"image": [base64.b64encode(b"plain text, not an image").decode()]}))
 
 
 @pytest.fixture(scope="module")
@@ -171,14 +249,13 @@ def _post(url: str, body: bytes) -> tuple[int, dict]:
         return error.code, json.loads(error.read() or b"{}")
 
 
-@pytest.fixture(scope="module")
-def server(trained_model, tmp_path_factory):
-    uri, _ = trained_model
+def _serve(model_uri: str, tracking_uri: str, log_dir: Path):
+    """`mlflow models serve` of model_uri on a free loopback port: yields its base URL, then stops it."""
     port = _free_port()
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri)
-    log = (tmp_path_factory.mktemp("serve_log") / "server.log").open("w")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri)
+    log = (log_dir / "server.log").open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/colour-classifier@champion",
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
          "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )
@@ -200,8 +277,93 @@ def server(trained_model, tmp_path_factory):
     process.wait(timeout=30)
 
 
+@pytest.fixture(scope="module")
+def server(served_models, tmp_path_factory):
+    """The registered model's @champion: the calibrated model the register stage chose."""
+    yield from _serve("models:/colour-classifier@champion", served_models["uri"], tmp_path_factory.mktemp("serve_log"))
+
+
+@pytest.fixture(scope="module")
+def ensemble_server(served_models, tmp_path_factory):
+    yield from _serve("models:/colour-classifier@ensemble", served_models["uri"], tmp_path_factory.mktemp("serve_log"))
+
+
 def _good_request() -> bytes:
     return json.dumps({"dataframe_split": {"columns": ["image"], "data": [[_png_b64(_garment("red", 2))]]}}).encode()
+
+
+def _check_answers_and_bad_requests(server: str, tmp_path: Path) -> pd.DataFrame:
+    """Good requests in both forms get the right label, bad ones a 4xx JSON message, and the
+    server keeps serving; gives back `transfer-study predict`'s answer for a red and a blue image."""
+    invocations = server + "/invocations"
+    status, answer = _post(invocations, _good_request())
+    assert status == 200 and answer["predictions"][0]["label"] == "red"
+
+    status, answer = _post(invocations, json.dumps({"inputs": [_png_b64(_garment("blue", 1))]}).encode())
+    assert status == 200 and answer["predictions"][0]["label"] == "blue"
+
+    huge = io.BytesIO()
+    Image.new("L", (7100, 7100)).save(huge, format="PNG")  # 50 megapixels, a few hundred KB compressed
+    bad_requests = {
+        "not base64": {"dataframe_split": {"columns": ["image"], "data": [["@@@ not base64 @@@"]]}},
+        "not an image": {"dataframe_split": {"columns": ["image"],
+                                             "data": [[base64.b64encode(b"hello world").decode()]]}},
+        "wrong column": {"dataframe_split": {"columns": ["picture"], "data": [[_png_b64(_garment("red", 0))]]}},
+        "50 megapixels": {"inputs": [base64.b64encode(huge.getvalue()).decode()]},
+    }
+    for name, body in bad_requests.items():
+        status, answer = _post(invocations, json.dumps(body).encode())
+        assert 400 <= status < 500, f"{name}: status {status}"
+        assert "Traceback" not in json.dumps(answer), f"{name}: traceback in the answer"
+        assert answer.get("message"), f"{name}: no message"
+    status, _ = _post(invocations, b"")
+    assert 400 <= status < 500, f"empty body: status {status}"
+
+    status, answer = _post(invocations, _good_request())
+    assert status == 200 and answer["predictions"][0]["label"] == "red", "the server stopped serving"
+
+    paths = [tmp_path / "red.png", tmp_path / "blue.png"]
+    _garment("red", 3).save(paths[0])
+    _garment("blue", 4).save(paths[1])
+    frame = client.predict_images(server, paths)
+    assert frame["label"].tolist() == ["red", "blue"]
+    probs = frame[["prob_blue", "prob_red"]].to_numpy()
+    assert np.allclose(probs.sum(1), 1.0) and ((probs >= 0) & (probs <= 1)).all()
+    return frame
+
+
+def _member(weights: Path, config: dict, folder: Path) -> ImageClassifier:
+    """An ImageClassifier loaded from weights and a config.json written to folder (a fresh one)."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return ImageClassifier().load(weights, folder / "config.json")
+
+
+@pytest.mark.slow
+def test_real_server_answers_with_the_calibrated_champion_and_survives_bad_requests(server, served_models, tmp_path):
+    frame = _check_answers_and_bad_requests(server, tmp_path)
+
+    # The champion is its members' networks with the flips and the temperature register chose.
+    champion, files = served_models["champion"], served_models["files"]
+    members = [_member(files[m["run"]][0], with_serving_options(files[m["run"]][1], m["tta"], 1.0), tmp_path / m["run"])
+               for m in champion["members"]]
+    mean = np.mean([m.probabilities(_colour_images()) for m in members], axis=0)
+    assert champion["temperature"] != 1.0
+    assert np.allclose(frame[["prob_blue", "prob_red"]].to_numpy(), temperature_scaled(mean, champion["temperature"]),
+                       atol=1e-5)
+
+
+@pytest.mark.slow
+def test_real_server_answers_with_the_ensemble_as_with_a_single_model(ensemble_server, served_models, tmp_path):
+    frame = _check_answers_and_bad_requests(ensemble_server, tmp_path)
+
+    # The mean of the members (each at its own input size, the first flipping), at temperature 2.
+    members = [_member(weights, config, tmp_path / str(n))
+               for n, (weights, config) in enumerate(served_models["members"])]
+    assert [m.image_size for m in members] == [32, 40] and [m.tta for m in members] == [True, False]
+    mean = np.mean([m.probabilities(_colour_images()) for m in members], axis=0)
+    assert np.allclose(frame[["prob_blue", "prob_red"]].to_numpy(), temperature_scaled(mean, 2.0), atol=1e-5)
+    assert not np.allclose(mean, members[1].probabilities(_colour_images()), atol=1e-3)
 
 
 @pytest.mark.slow

@@ -163,14 +163,18 @@ def report(ctx: click.Context) -> None:
 @cli.command()
 @click.pass_context
 def register(ctx: click.Context) -> None:
-    """Register every run's model and move @champion to the best on validation macro-F1."""
-    from .registry import promote_champion
+    """Register every run's model; serve the best on validation (an ensemble, flips, calibrated) as @champion."""
+    from .registry import RegisterPaths, promote_champion
 
     params = _params(ctx)
     out = Path(params.paths.outputs)
-    summary = promote_champion(out / "evaluation" / "runs.csv", params.tracking.registered_model,
-                               config.tracking_uri(), out / "registry" / "champion.json")
-    click.echo(f"champion: {summary}")
+    paths = RegisterPaths(runs_csv=out / "evaluation" / "runs.csv", models_dir=out / "models", root=_root(),
+                          out_dir=out / "registry")
+    summary = promote_champion(paths, params.tracking.registered_model, config.tracking_uri())
+    members = ", ".join(m["run"] + (" (flipped)" if m["tta"] else "") for m in summary["members"])
+    click.echo(f"champion: {summary['name']} version {summary['version']}, {summary['kind']} of {members}, "
+               f"temperature {summary['temperature']:g}; val macro-F1 {summary['val_f1']:.4f}, "
+               f"test accuracy {summary['test_accuracy']:.4f} ({out / 'registry' / 'champion.json'})")
 
 
 @cli.command()

@@ -26,6 +26,7 @@ IMAGE_COLUMN = "image"
 MAX_IMAGE_PIXELS = 40_000_000  # decoded pixels per image; larger requests are refused (bomb guard)
 MAX_IMAGE_BASE64_CHARS = 40_000_000  # about 30 MB of encoded file per image
 MAX_REQUEST_BASE64_CHARS = 64_000_000  # all images of one request together (HTTP body limits are MLflow's)
+TTA, TEMPERATURE = "tta", "temperature"  # config.json keys: serving-time flip, calibration
 
 
 class BadRequest(UserError):
@@ -97,8 +98,45 @@ def _pyfunc_base():
     return mlflow.pyfunc.PythonModel
 
 
-class ImageClassifier(_pyfunc_base()):
-    """Raw image bytes (base64) in; `label` and `prob_<class>` columns out."""
+def prediction_frame(probs: np.ndarray, class_names: list[str]) -> pd.DataFrame:
+    """The answer to a request: `label` (the most probable class) and one `prob_<class>` column each."""
+    out = pd.DataFrame({"label": [class_names[i] for i in probs.argmax(1)]})
+    for k, name in enumerate(class_names):
+        out[f"prob_{name}"] = probs[:, k].astype("float64")
+    return out
+
+
+def flipped(batch):
+    """A (N, C, H, W) batch mirrored left-right: test-time augmentation's second view."""
+    return batch.flip(-1)
+
+
+class ServedClassifier(_pyfunc_base()):
+    """What every served model shares: raw image bytes (base64) in, `label` and `prob_<class>` out,
+    with bad requests answered as HTTP 400. Subclasses give `class_names` and `probabilities`."""
+
+    class_names: list[str]
+
+    def probabilities(self, images: list) -> np.ndarray:
+        """RGB images → (N, K) class probabilities."""
+        raise NotImplementedError
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        try:
+            images = images_from_request(model_input)
+        except BadRequest as exc:
+            # MlflowException with INVALID_PARAMETER_VALUE is answered as HTTP 400 with a JSON body.
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+        return prediction_frame(self.probabilities(images), self.class_names)
+
+
+class ImageClassifier(ServedClassifier):
+    """One trained network. config.json may add `tta` (average the probabilities of the image
+    and its mirror image) and `temperature` (softmax(logits / T)); models logged without
+    them load with tta off and T = 1."""
 
     # MLflow's opt-out of type-hint validation (its ChatModel's): the signature is explicit
     # (model_signature), so no "Add type hints to the `predict` method" warning at class creation,
@@ -106,20 +144,26 @@ class ImageClassifier(_pyfunc_base()):
     _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
+        self.load(Path(context.artifacts["weights"]), Path(context.artifacts["config"]))
+
+    def load(self, weights: Path, config_path: Path) -> ImageClassifier:
+        """Read config.json and the weights it records the checksum of (also an ensemble's members)."""
         import torch
 
         from . import models
+        from .preprocess import make_cropper
 
-        config = json.loads(Path(context.artifacts["config"]).read_text())
-        verify_weights(Path(context.artifacts["weights"]), config.get("weights_sha256"))
+        config = json.loads(Path(config_path).read_text())
+        verify_weights(Path(weights), config.get("weights_sha256"))
         self.class_names = config["class_names"]
         self.image_size = config["image_size"]
         self.preprocess = PreprocessParams(**config["preprocess"])
-        state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
+        self.tta = bool(config.get(TTA, False))
+        self.temperature = float(config.get(TEMPERATURE, 1.0))
+        state = torch.load(weights, map_location="cpu", weights_only=True)
         self.model = models.restore_model(config["architecture"], len(self.class_names), state)
-        from .preprocess import make_cropper
-
         self.cropper = make_cropper(self.preprocess)
+        return self
 
     def model_input(self, images: list):
         """Raw RGB images → the normalised batch the model takes: the crop the crops were made
@@ -132,22 +176,21 @@ class ImageClassifier(_pyfunc_base()):
         fitted = [crop_and_fit(img, self.preprocess, self.cropper) for img in images]
         return model_input(uint8_batch(fitted, self.image_size), torch.device("cpu"))
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    def network_probabilities(self, batch) -> np.ndarray:
+        """softmax of the network on a model-input batch (N, K), no flip, no temperature."""
         import torch
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-        try:
-            images = images_from_request(model_input)
-        except BadRequest as exc:
-            # MlflowException with INVALID_PARAMETER_VALUE is answered as HTTP 400 with a JSON body.
-            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
         with torch.inference_mode():
-            probs = torch.softmax(self.model(self.model_input(images)), dim=1).numpy()
-        out = pd.DataFrame({"label": [self.class_names[i] for i in probs.argmax(1)]})
-        for k, name in enumerate(self.class_names):
-            out[f"prob_{name}"] = probs[:, k].astype("float64")
-        return out
+            return torch.softmax(self.model(batch).float(), dim=1).numpy()
+
+    def probabilities(self, images: list) -> np.ndarray:
+        from .calibration import temperature_scaled
+
+        batch = self.model_input(images)
+        probs = self.network_probabilities(batch)
+        if self.tta:
+            probs = (probs + self.network_probabilities(flipped(batch))) / 2
+        return temperature_scaled(probs, self.temperature)
 
 
 def example_images(count: int = 2) -> pd.DataFrame:
@@ -200,13 +243,28 @@ def requirements() -> list[str]:
     return [mlflow] + [f"{n}=={installed(n)}" for n in SERVED_DISTRIBUTIONS]
 
 
+def log_pyfunc(python_model: ServedClassifier, artifacts: dict[str, str], class_names: list[str],
+               name: str = "model"):
+    """Log a served model under the active run: its artifacts, this package's code, the request
+    and answer signature, an input example and pinned requirements. Gives back MLflow's ModelInfo."""
+    import mlflow
+
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=python_model,
+        artifacts=artifacts,
+        code_paths=[str(Path(__file__).resolve().parent)],
+        signature=model_signature(list(class_names)),
+        input_example=example_images(),
+        pip_requirements=requirements(),
+    )
+
+
 def log_servable_model(model, architecture: str, class_names: list[str], image_size: int,
                        params: Params, checkpoint: Path):
     """Log the trained weights as an ImageClassifier pyfunc under the active run's `model`."""
-    import mlflow
     import torch
 
-    package_dir = Path(__file__).resolve().parent
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "weights.pt"
         torch.save(model.state_dict(), weights)
@@ -219,13 +277,33 @@ def log_servable_model(model, architecture: str, class_names: list[str], image_s
             "preprocess": dataclasses.asdict(params.preprocess),
             "checkpoint": checkpoint.name,
             "weights_sha256": file_sha256(weights),
+            TTA: False,
+            TEMPERATURE: 1.0,
         }, indent=2))
-        return mlflow.pyfunc.log_model(
-            name="model",
-            python_model=ImageClassifier(),
-            artifacts={"weights": str(weights), "config": str(config)},
-            code_paths=[str(package_dir)],
-            signature=model_signature(list(class_names)),
-            input_example=example_images(),
-            pip_requirements=requirements(),
-        )
+        return log_pyfunc(ImageClassifier(), {"weights": str(weights), "config": str(config)}, class_names)
+
+
+def classifier_files(model_dir: Path) -> tuple[Path, Path]:
+    """(weights.pt, config.json) of an ImageClassifier model downloaded to model_dir, as its MLmodel names them."""
+    from mlflow.models import Model
+
+    try:
+        artifacts = Model.load(str(model_dir)).flavors["python_function"]["artifacts"]
+        return model_dir / artifacts["weights"]["path"], model_dir / artifacts["config"]["path"]
+    except (OSError, KeyError) as exc:
+        raise UserError(f"'{model_dir}' is not a model logged by `transfer-study train` (no {exc} in its "
+                        f"MLmodel); register only runs that train logged") from None
+
+
+def with_serving_options(config: dict, tta: bool, temperature: float) -> dict:
+    """A copy of an ImageClassifier's config.json with test-time flips on or off and a temperature."""
+    return config | {TTA: bool(tta), TEMPERATURE: float(temperature)}
+
+
+def log_calibrated_model(weights: Path, config: dict, name: str):
+    """Log weights with `config` (see with_serving_options) as an ImageClassifier under the active run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path = Path(tmp) / "config.json"
+        config_path.write_text(json.dumps(config, indent=2))
+        return log_pyfunc(ImageClassifier(), {"weights": str(weights), "config": str(config_path)},
+                          config["class_names"], name=name)
