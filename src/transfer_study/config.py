@@ -16,7 +16,7 @@ import yaml
 
 ARCHITECTURES = ("resnet18", "vgg19", "inception_v3", "efficientnet_lite0")
 CONDITIONS = ("scratch", "frozen", "finetune")
-CROPPERS = ("none", "foreground", "cam")
+CROPPERS = ("none", "foreground", "cam", "proposals")
 INCEPTION_MIN_SIZE = 75
 
 
