@@ -137,7 +137,8 @@ class Quality:
     mean_iou: float
     share_at_half: float  # share of scenes with IoU >= 0.5
     kept_whole: float  # share where the cropper was unsure and kept the whole image
-    images_per_s: float
+    images_per_s: float  # wall clock: depends on what else runs on the machine
+    cpu_ms_per_image: float  # this process's CPU time, all threads: less so
 
 
 def measure(cropper, scenes: list[Scene], batch: int = 32) -> dict[str, Quality]:
@@ -148,27 +149,29 @@ def measure(cropper, scenes: list[Scene], batch: int = 32) -> dict[str, Quality]
     """
     from transfer_study import preprocess as pp
 
-    result, ious_all, whole_all, seconds_all = {}, [], [], 0.0
+    result, ious_all, whole_all, clocks_all = {}, [], [], np.zeros(2)
     for kind in sorted({s.kind for s in scenes}, key=KINDS.index):
         group = [s for s in scenes if s.kind == kind]
-        boxes, seconds = [], 0.0
+        boxes, clocks = [], np.zeros(2)  # wall, CPU seconds
         for first in range(0, len(group), batch):
-            start = time.perf_counter()
+            start = np.array([time.perf_counter(), time.process_time()])
             boxes += cropper.boxes([s.rgb for s in group[first : first + batch]])
-            seconds += time.perf_counter() - start
+            clocks += np.array([time.perf_counter(), time.process_time()]) - start
         ious = [pp.box_iou(b or pp.whole_image_box(s.rgb.shape[1], s.rgb.shape[0]), s.box) for b, s in zip(boxes, group)]
         whole = [b is None for b in boxes]
-        result[kind] = _quality(ious, whole, len(group) / max(seconds, 1e-9))
+        result[kind] = _quality(ious, whole, clocks)
         ious_all += ious
         whole_all += whole
-        seconds_all += seconds
-    result["all"] = _quality(ious_all, whole_all, len(scenes) / max(seconds_all, 1e-9))
+        clocks_all += clocks
+    result["all"] = _quality(ious_all, whole_all, clocks_all)
     return result
 
 
-def _quality(ious: list[float], whole: list[bool], rate: float) -> Quality:
+def _quality(ious: list[float], whole: list[bool], clocks: np.ndarray) -> Quality:
     ious_array = np.array(ious)
-    return Quality(float(ious_array.mean()), float((ious_array >= 0.5).mean()), float(np.mean(whole)), rate)
+    wall, cpu = np.maximum(clocks, 1e-9)
+    return Quality(float(ious_array.mean()), float((ious_array >= 0.5).mean()), float(np.mean(whole)),
+                   len(ious) / wall, 1000 * cpu / len(ious))
 
 
 def croppers_at_margin_0(names: list[str]) -> dict:
@@ -195,13 +198,13 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"{len(scenes)} scenes; torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
           f"load average {load:.2f} at the start")
-    print(f"| cropper | background | mean IoU | IoU ≥ 0.5 | whole image kept | images/s |")
-    print(f"|---|---|---|---|---|---|")
+    print("| cropper | background | mean IoU | IoU ≥ 0.5 | whole image kept | images/s | CPU ms/image |")
+    print("|---|---|---|---|---|---|---|")
     for name, cropper in croppers_at_margin_0(args.croppers.split(",")).items():
         cropper.boxes([scenes[0].rgb])  # warm-up: first-call allocations
         for kind, q in measure(cropper, scenes).items():
             print(f"| {name} | {kind} | {q.mean_iou:.3f} | {q.share_at_half:.0%} | {q.kept_whole:.0%} | "
-                  f"{q.images_per_s:.1f} |", flush=True)
+                  f"{q.images_per_s:.1f} | {q.cpu_ms_per_image:.1f} |", flush=True)
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 
