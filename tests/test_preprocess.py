@@ -290,6 +290,15 @@ def test_plain_background_test():
     assert not pp.has_plain_background(noisy)
 
 
+def test_distinct_best_skips_near_duplicate_boxes():
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 11], [20, 20, 30, 30], [0, 0, 5, 5], [40, 40, 50, 50]])
+    score = np.array([5.0, 4.0, 3.0, 2.0, -np.inf])
+    # box 1 nearly repeats box 0; box 3 overlaps box 0 by IoU 0.25 only; box 4 is no candidate
+    assert pp.distinct_best(boxes, score, 3, 0.7).tolist() == [0, 2, 3]
+    assert pp.distinct_best(boxes, score, 2, 0.7).tolist() == [0, 2]
+    assert pp.distinct_best(boxes, score, 9, 0.95).tolist() == [0, 1, 2, 3]
+
+
 @pytest.fixture(scope="module")
 def proposal_cropper():
     return pp.make_cropper(PreprocessParams(cropper="proposals", margin=0.0))
