@@ -7,8 +7,12 @@ boxes, at several sizes and positions, onto
 - `dark` / `light`: plain backgrounds, like the default dataset's product shots.
 Boxes are compared at margin 0 against the garment's true (tight) box.
 
-    PYTHONPATH=src python bench/crop_quality.py                 # 120 photo + 60 plain scenes
-    PYTHONPATH=src python bench/crop_quality.py --per-kind 200 --croppers cam,refined
+    PYTHONPATH=src python bench/crop_quality.py          # every cropper, 120 photo + 2 x 60 plain scenes
+    PYTHONPATH=src python bench/crop_quality.py --per-kind 200 --croppers foreground,proposals
+
+Timing: images/s is wall clock and depends on what else runs on the machine (the header and
+footer give the load average); CPU ms/image counts this process's threads only. On a shared
+machine set OMP_WAIT_POLICY=PASSIVE (see bench/README.md).
 
 tests/test_preprocess.py builds its (smaller) set with the same functions.
 """
@@ -190,8 +194,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--croppers", default=",".join(CROPPERS))
     parser.add_argument("--seed", type=int, default=10, help="scene seed (tuning used 1-3, the tests 0)")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.croppers.split(",")) - set(CROPPERS))
+    if unknown:
+        parser.error(f"unknown cropper(s) {', '.join(unknown)}; choose from {', '.join(CROPPERS)}")
     load = os.getloadavg()[0]
-    garments = fashion_mnist_garments()
+    try:
+        garments = fashion_mnist_garments()
+    except FileNotFoundError as exc:
+        parser.error(str(exc))
     scenes = build_scenes(garments, 2 * args.per_kind, args.seed, kinds=("photo",))
     scenes += build_scenes(garments, args.per_kind, args.seed + 1, kinds=("dark", "light"))
     import torch
