@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,10 @@ from PIL import Image, ImageDraw
 from transfer_study import preprocess as pp
 from transfer_study.config import PreprocessParams, UserError
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import crop_quality  # noqa: E402  (builds the pasted-garment evaluation set)
+
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-BACKGROUNDS = ("dark", "light", "noise", "shapes")
-SCENES_PER_BACKGROUND = 30
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +229,7 @@ def write_fashion_mnist_raw(garments: np.ndarray, raw: Path, count: int) -> None
         Image.fromarray(garments[i]).save(folder / f"{i:05d}.png")
 
 
-@pytest.mark.parametrize("cropper", ["none", "foreground", "cam"])
+@pytest.mark.parametrize("cropper", ["none", "foreground", "cam", "proposals"])
 def test_preprocess_writes_every_fashion_mnist_image_as_rgb(garments, tmp_path, cropper):
     """Each cropper turns real 28x28 grayscale garments into stored RGB squares (timing: bench/)."""
     write_fashion_mnist_raw(garments, tmp_path / "raw", 36)
@@ -240,81 +242,164 @@ def test_preprocess_writes_every_fashion_mnist_image_as_rgb(garments, tmp_path, 
 
 
 # --------------------------------------------------------------------------------------------
-# Measuring the croppers: garments pasted at known boxes
+# Measuring the croppers: real garments pasted at known boxes on real photos and plain backgrounds
+# --------------------------------------------------------------------------------------------
+
+# Issue 16's targets, less a margin for a set of 45 photo scenes (standard error of the mean IoU ~0.04)
+PHOTO_MEAN_IOU, PHOTO_SHARE_AT_HALF, PLAIN_MEAN_IOU = 0.7 - 0.05, 0.85 - 0.07, 0.85
+
+
+@pytest.fixture(scope="module")
+def pasted_scenes():
+    """45 photo scenes and 15 each on dark and light plain backgrounds (seed 0; the weights were tuned on seeds 1-3)."""
+    if not crop_quality.FASHION_MNIST.joinpath("train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    garments = crop_quality.fashion_mnist_garments(3000)
+    return (crop_quality.build_scenes(garments, 45, seed=0, kinds=("photo",))
+            + crop_quality.build_scenes(garments, 15, seed=0, kinds=("dark", "light")))
+
+
+def test_the_scenes_put_garments_of_every_size_on_real_photos(pasted_scenes):
+    photos = [s for s in pasted_scenes if s.kind == "photo"]
+    assert {s.size_bin for s in photos} == set(crop_quality.SIZE_BINS)
+    for s in pasted_scenes:
+        x0, y0, x1, y1 = s.box
+        assert 0 <= x0 < x1 <= s.rgb.shape[1] and 0 <= y0 < y1 <= s.rgb.shape[0]
+    # a photo window is no plain background: its border varies (the plain ones do not)
+    assert not any(pp.has_plain_background(s.rgb) for s in photos)
+    assert all(pp.has_plain_background(s.rgb) for s in pasted_scenes if s.kind != "photo")
+
+
+@pytest.mark.slow
+def test_cropper_iou_on_pasted_garments(pasted_scenes):
+    """Every cropper's boxes (margin 0) against the true garment boxes; `proposals` meets issue 16's targets."""
+    croppers = crop_quality.croppers_at_margin_0(["none", "foreground", "cam", "proposals"])
+    table = {name: crop_quality.measure(c, pasted_scenes) for name, c in croppers.items()}
+    print("\nCROPPER IoU (45 photo, 15 dark, 15 light scenes; margin 0)")
+    for name, row in table.items():
+        print(f"{name:<11}" + "".join(f" {k} {q.mean_iou:.3f} ({q.share_at_half:.0%} >= 0.5)" for k, q in row.items()))
+    photo = table["proposals"]["photo"]
+    assert photo.mean_iou >= PHOTO_MEAN_IOU and photo.share_at_half >= PHOTO_SHARE_AT_HALF
+    assert photo.kept_whole <= 0.15  # unsure on a few photos, not a way out of cropping
+    for kind in ("dark", "light"):
+        assert table["proposals"][kind].mean_iou >= PLAIN_MEAN_IOU
+        assert table["foreground"][kind].mean_iou >= PLAIN_MEAN_IOU
+        assert table["none"][kind].mean_iou < 0.5  # the scenes really need cropping
+    # the other croppers are what issue 16 measured: far from the target on photos
+    assert max(table[name]["photo"].mean_iou for name in ("none", "foreground", "cam")) < 0.5
+    assert table["cam"]["photo"].mean_iou > table["none"]["photo"].mean_iou  # coarse, but it points at the garment
+
+
+# --------------------------------------------------------------------------------------------
+# The `proposals` cropper's decisions
 # --------------------------------------------------------------------------------------------
 
 
-def background(kind: str, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
-    """(H, W, 3) float canvas: dark or light plain colour, smooth colour noise, or random shapes."""
-    if kind == "dark":
-        return np.full((height, width, 3), rng.integers(0, 40, 3), np.float32)
-    if kind == "light":
-        return np.full((height, width, 3), rng.integers(215, 256, 3), np.float32)
-    if kind == "noise":
-        coarse = rng.normal(128, 40, (height // 4 + 1, width // 4 + 1, 3)).clip(0, 255).astype(np.uint8)
-        return np.asarray(Image.fromarray(coarse).resize((width, height), Image.BILINEAR), np.float32)
-    img = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(0, 256, 3)))
-    draw = ImageDraw.Draw(img)
-    for _ in range(12):
-        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
-        x1, y1 = x0 + int(rng.integers(10, width // 2)), y0 + int(rng.integers(10, height // 2))
-        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
-        shape((x0, y0, x1, y1), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
-    return np.asarray(img, np.float32)
+def test_plain_background_test():
+    plain = np.full((60, 80, 3), 240, np.uint8)
+    plain[20:40, 30:50] = 10  # a garment off the border does not matter
+    assert pp.has_plain_background(plain)
+    noisy = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    assert not pp.has_plain_background(noisy)
 
 
-def paste_garment(garment: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, pp.Box]:
-    """A scene with the garment, upscaled 2-8x, at a random place; and the garment's true box.
-
-    On plain backgrounds the garment's intensity is its opacity (bright on dark, inverted on
-    light); on cluttered ones it is opaque. The true box is the 28x28 image's nonzero pixels, scaled.
-    """
-    height, width = int(rng.integers(160, 320)), int(rng.integers(160, 320))
-    side = int(28 * rng.uniform(2.0, 0.8 * min(height, width) / 28))
-    pixels = np.asarray(Image.fromarray(garment).resize((side, side), Image.BICUBIC), np.float32)
-    tint = rng.uniform(0.6, 1.0, 3)
-    if kind == "light":
-        colour, alpha = (255 - pixels)[..., None] * tint, pixels[..., None] / 255
-    elif kind == "dark":
-        colour, alpha = pixels[..., None] * tint, pixels[..., None] / 255
-    else:
-        colour, alpha = (64 + 0.75 * pixels[..., None]) * tint, (pixels > 20)[..., None].astype(np.float32)
-    x, y = int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1))
-    canvas = background(kind, height, width, rng)
-    region = canvas[y : y + side, x : x + side]
-    canvas[y : y + side, x : x + side] = region * (1 - alpha) + colour * alpha
-    ys, xs = np.nonzero(garment)
-    scale = side / 28
-    box = (x + int(xs.min() * scale), y + int(ys.min() * scale),
-           x + int(np.ceil((xs.max() + 1) * scale)), y + int(np.ceil((ys.max() + 1) * scale)))
-    return canvas.clip(0, 255).astype(np.uint8), box
+def test_distinct_best_skips_near_duplicate_boxes():
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 11], [20, 20, 30, 30], [0, 0, 5, 5], [40, 40, 50, 50]])
+    score = np.array([5.0, 4.0, 3.0, 2.0, -np.inf])
+    # box 1 nearly repeats box 0; box 3 overlaps box 0 by IoU 0.25 only; box 4 is no candidate
+    assert pp.distinct_best(boxes, score, 3, 0.7).tolist() == [0, 2, 3]
+    assert pp.distinct_best(boxes, score, 2, 0.7).tolist() == [0, 2]
+    assert pp.distinct_best(boxes, score, 9, 0.95).tolist() == [0, 1, 2, 3]
 
 
-def mean_iou(cropper: pp.Cropper, scenes: list[tuple[np.ndarray, pp.Box]]) -> float:
-    boxes = cropper.boxes([rgb for rgb, _ in scenes])
-    whole = [pp.whole_image_box(rgb.shape[1], rgb.shape[0]) for rgb, _ in scenes]
-    return float(np.mean([pp.box_iou(b or w, truth) for b, w, (_, truth) in zip(boxes, whole, scenes)]))
+@pytest.fixture(scope="module")
+def proposal_cropper():
+    return pp.make_cropper(PreprocessParams(cropper="proposals", margin=0.0))
 
 
-def test_cropper_iou_on_pasted_fashion_mnist_garments(garments):
-    """Mean IoU of each cropper's box (margin 0) with the true garment box, per background."""
-    rng = np.random.default_rng(0)
-    picks = rng.choice(len(garments), SCENES_PER_BACKGROUND, replace=False)
-    scenes = {kind: [paste_garment(garments[i], kind, rng) for i in picks] for kind in BACKGROUNDS}
-    croppers = {
-        "none": pp.WholeImageCropper(),
-        "foreground": pp.ForegroundCropper(threshold=PreprocessParams().foreground_threshold, margin=0.0),
-        "cam": pp.CamCropper(threshold=PreprocessParams().cam_threshold, margin=0.0),
-    }
-    table = {name: {kind: mean_iou(c, scenes[kind]) for kind in BACKGROUNDS} for name, c in croppers.items()}
-    lines = [f"{'cropper':<12}" + "".join(f"{k:>9}" for k in BACKGROUNDS)]
-    lines += [f"{name:<12}" + "".join(f"{row[k]:>9.3f}" for k in BACKGROUNDS) for name, row in table.items()]
-    print(f"\nCROPPER IoU ({SCENES_PER_BACKGROUND} Fashion-MNIST garments per background, margin 0)\n"
-          + "\n".join(lines))
-    assert table["foreground"]["dark"] >= 0.8 and table["foreground"]["light"] >= 0.8
-    assert table["none"]["dark"] < 0.5  # the scenes really need cropping
-    for kind in BACKGROUNDS:
-        assert table["cam"][kind] > table["none"][kind]  # the CAM points at the garment, however coarsely
+def cluttered_scene() -> tuple[np.ndarray, pp.Box]:
+    """A flat grey rectangle (the 'garment') on a background of random 8 px colour squares."""
+    rng = np.random.default_rng(1)
+    rgb = np.kron(rng.integers(0, 256, (15, 20, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+    rgb[30:100, 50:110] = (150, 150, 160)
+    return rgb, (50, 30, 110, 100)
+
+
+def test_proposals_on_a_plain_background_takes_the_foreground_box(proposal_cropper):
+    rgb = np.full((100, 150, 3), 240, np.uint8)
+    rgb[20:60, 30:90] = (200, 30, 30)
+    assert proposal_cropper.boxes([rgb]) == [pp.crop_box_foreground(rgb, PreprocessParams().foreground_threshold, 0.0)]
+
+
+def test_proposals_keeps_the_whole_image_when_the_network_sees_no_garment(proposal_cropper, monkeypatch):
+    rgb, truth = cluttered_scene()
+    monkeypatch.setattr(proposal_cropper, "garment_probability", lambda crops: np.full(len(crops), 0.5))
+    (sure,) = proposal_cropper.boxes([rgb])
+    assert pp.box_iou(sure, truth) > 0.8  # the flat, compact region off the edge wins
+    monkeypatch.setattr(proposal_cropper, "garment_probability",
+                        lambda crops: np.full(len(crops), pp.MIN_GARMENT_PROBABILITY / 2))
+    assert proposal_cropper.boxes([rgb]) == [None]  # unsure: counted by the stage, whole image kept
+
+
+def test_proposals_lets_the_network_choose_among_the_regions(proposal_cropper, monkeypatch):
+    """With equal priors out of reach, the crop the network calls a garment wins."""
+    rgb, truth = cluttered_scene()
+    small = pp._resized_longer_side(rgb, pp.PROPOSAL_SIDE)
+
+    def likes_wide_crops(crops):  # a stand-in network that prefers the widest crop
+        widths = np.array([c.shape[1] for c in crops], float)
+        return np.where(widths == widths.max(), 0.99, 0.02)
+
+    monkeypatch.setattr(proposal_cropper, "garment_probability", likes_wide_crops)
+    _, boxes, _ = proposal_cropper._candidates(rgb)
+    (box,) = proposal_cropper.boxes([rgb])
+    widest = max(boxes, key=lambda b: b[2] - b[0])
+    scale = rgb.shape[1] / small.shape[1]
+    assert box[2] - box[0] == pytest.approx((widest[2] - widest[0]) * scale, abs=2)
+
+
+def test_proposals_in_the_stage_counts_unsure_images(tmp_path, monkeypatch, proposal_cropper, capsys):
+    rgb, _ = cluttered_scene()
+    write_png(tmp_path / "raw" / "coat" / "photo.png", rgb)
+    monkeypatch.setattr(proposal_cropper, "garment_probability", lambda crops: np.zeros(len(crops)))
+    monkeypatch.setattr(pp, "make_cropper", lambda params: proposal_cropper)
+    summary = pp.preprocess_dataset(tmp_path / "raw", tmp_path / "out", PreprocessParams(cropper="proposals", size=32))
+    assert summary["whole_image_fallbacks"] == 1
+    assert "cropper unsure, whole image kept: 1" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# The crop preview
+# --------------------------------------------------------------------------------------------
+
+
+def test_preview_picks_spread_over_all_images():
+    assert pp.preview_picks(5, 16) == [0, 1, 2, 3, 4]
+    assert pp.preview_picks(100, 4) == [0, 33, 66, 99]
+
+
+def test_preview_tile_draws_the_box_or_marks_the_whole_image():
+    img = Image.fromarray(np.full((100, 200, 3), 255, np.uint8))
+    tile = np.asarray(pp.preview_tile(img, (50, 25, 150, 75)))
+    assert tile.shape == (pp.PREVIEW_TILE, pp.PREVIEW_TILE, 3)
+    # 200 px wide -> scale 0.8, centred vertically (top 40): the box's left edge is at x 40, y 60..99
+    assert tile[80, 40].tolist() == [40, 230, 40] and tile[80, 80].tolist() == [255, 255, 255]
+    whole = np.asarray(pp.preview_tile(img, None))
+    assert whole[0, 80].tolist() == [230, 40, 40]
+
+
+def test_preprocess_writes_the_preview_grid(tmp_path):
+    raw = small_raw_folder(tmp_path)
+    summary = pp.preprocess_dataset(raw, tmp_path / "cropped", PreprocessParams(cropper="foreground", size=48),
+                                    preview=tmp_path / "reports" / "preview.png")
+    assert summary["preview"] == str(tmp_path / "reports" / "preview.png")
+    with Image.open(tmp_path / "reports" / "preview.png") as grid:
+        # 7 readable images: 4 columns, 2 rows
+        assert grid.size == (4 * pp.PREVIEW_TILE, 2 * pp.PREVIEW_TILE)
+        tiles = np.asarray(grid.convert("RGB"))
+    red_frames = [tiles[r * pp.PREVIEW_TILE + 1, c * pp.PREVIEW_TILE + 80].tolist() == [230, 40, 40]
+                  for r in range(2) for c in range(4)]
+    assert sum(red_frames) == 1  # the blank image: no garment, whole image kept
 
 
 def test_the_crops_record_how_they_were_made(tmp_path):

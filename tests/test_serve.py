@@ -434,3 +434,12 @@ def test_predict_client_reports_an_unreachable_server(tmp_path):
     _garment("red", 0).save(image)
     with pytest.raises(UserError, match="cannot reach"):
         client.predict_images(f"http://127.0.0.1:{_free_port()}", [image], timeout=5)
+
+
+def test_requirements_add_what_the_cropper_needs():
+    from transfer_study import serve
+
+    plain = serve.requirements(("foreground",))
+    assert any(r.startswith(("mlflow==", "mlflow-skinny==")) for r in plain)
+    assert not any(r.startswith("scikit-image==") for r in plain)
+    assert any(r.startswith("scikit-image==") for r in serve.requirements(("foreground", "proposals")))

@@ -289,12 +289,12 @@ def test_a_missing_requirement_stops_the_cell_before_training(project, tracking_
 
     real_version = importlib.metadata.version
 
-    def without_kornia(name: str) -> str:
-        if name == "kornia":
+    def without_torchvision(name: str) -> str:
+        if name == "torchvision":
             raise importlib.metadata.PackageNotFoundError(name)
         return real_version(name)
 
-    monkeypatch.setattr(importlib.metadata, "version", without_kornia)
-    with pytest.raises(UserError, match="kornia is not installed"):
+    monkeypatch.setattr(importlib.metadata, "version", without_torchvision)
+    with pytest.raises(UserError, match="torchvision is not installed"):
         train_cell(tiny_params(), Cell("resnet18", "scratch", 0), project, tracking_uri)
     assert not (project / "checkpoints").exists(), "training started before the check"

@@ -24,7 +24,7 @@ ARCHITECTURES = ("resnet18", "vgg19", "inception_v3", "efficientnet_lite0", "sma
 SCRATCH_ONLY = ("small_cnn",)
 CONDITIONS = ("scratch", "frozen", "finetune")
 SCHEDULES = ("constant", "cosine", "onecycle")
-CROPPERS = ("none", "foreground", "cam")
+CROPPERS = ("none", "foreground", "cam", "proposals")
 INCEPTION_MIN_SIZE = 75
 # The version DVC records in data.dvc for the default dataset (`transfer-study data fetch` with the
 # default data params writes the same bytes everywhere). Only runs on this version are compared

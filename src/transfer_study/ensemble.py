@@ -66,4 +66,5 @@ def log_ensemble_model(members: list[tuple[Path, dict]], spec: dict, name: str =
             config_path = Path(tmp) / f"config_{index}.json"
             config_path.write_text(json.dumps(config, indent=2))
             artifacts[weights_key], artifacts[config_key] = str(weights), str(config_path)
-        return log_pyfunc(EnsembleClassifier(), artifacts, spec["class_names"], name=name)
+        croppers = tuple(config["preprocess"]["cropper"] for _, config in members)
+        return log_pyfunc(EnsembleClassifier(), artifacts, spec["class_names"], croppers, name=name)

