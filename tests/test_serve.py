@@ -175,10 +175,11 @@ def refused() -> dict[str, tuple[list[str], str]]:
     return {
         "not base64": (["@@@ not base64 @@@"], "row 0: 'image' is not valid base64"),
         "empty": ([""], "row 0: 'image' must be a non-empty base64 string"),
-        "not an image": ([base64.b64encode(b"hello world").decode()], "row 0: the data is not a readable image"),
+        "not an image": ([base64.b64encode(b"hello world").decode()],
+                         "row 0: the file is not an image (PNG, JPEG or WebP) Pillow can read"),
         "second row": ([good, "@@@"], "row 1: 'image' is not valid base64"),
         "50 megapixels": ([base64.b64encode(huge.getvalue()).decode()],
-                          "row 0: the data is 7100x7100 pixels, more than the limit of 40000000"),
+                          "row 0: the file is 7100x7100 pixels, more than the limit of 40000000"),
         "40 M characters": (["A" * 40_000_001],
                             "row 0: the encoded image is 40,000,001 characters; the limit is 40,000,000"),
         # each under the 40 M per-image cap; together over the 64 M request cap (serve.py's constants)
