@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO_ROOT
 
 CLI = str(Path(sys.executable).parent / "transfer-study")
@@ -51,3 +53,40 @@ def test_validate_strict_fails_on_warnings_with_the_file_named(tmp_path):
     strict = _cli("data", "validate", "--strict", cwd=tmp_path)
     assert strict.returncode == 1 and "Traceback" not in strict.stderr
     assert "broken.jpg" in strict.stdout + strict.stderr
+
+
+def _tiny_params_file(tmp_path: Path) -> None:
+    import yaml
+
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["train"].update(architectures=["resnet18"], conditions=["scratch"], epochs=1, batch_size=4,
+                           image_size={"resnet18": 32, "vgg19": 32, "inception_v3": 299, "efficientnet_lite0": 32})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+@pytest.mark.slow
+def test_profile_without_a_gpu_picks_quick_says_so_and_estimates_the_study(tmp_path):
+    _tiny_params_file(tmp_path)  # stands in for the study's params.yaml, so the estimate takes seconds
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": ""}  # no GPU, even on a machine that has one
+    result = subprocess.run([CLI, "profile", "--estimate"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "quick"  # what `make run` runs
+    assert "no CUDA GPU" in result.stderr and "make run PROFILE=study" in result.stderr
+    assert "plan for params.yaml: 1 cell on cpu" in result.stderr and "resnet18-scratch-s0" in result.stderr
+
+
+def test_profile_asked_for_is_kept_and_a_wrong_one_is_one_clear_line(tmp_path):
+    _tiny_params_file(tmp_path)
+    study = _cli("profile", "--params-file", "study", cwd=tmp_path)
+    assert study.returncode == 0 and study.stdout.strip() == "params.yaml"
+    wrong = _cli("profile", "big", cwd=tmp_path)
+    assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
+    assert "PROFILE=big: choose one of study, quick" in wrong.stderr
+
+
+def test_serve_before_any_run_says_to_train_first(tmp_path):
+    (tmp_path / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
+    result = _cli("serve", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "make run" in result.stderr and not (tmp_path / "mlflow.db").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -279,6 +280,16 @@ def tracking_uri(root: Path | None = None) -> str:
     if root is None:
         root = Path(os.environ["DVC_ROOT"]).resolve() if os.environ.get("DVC_ROOT") else project_root()
     return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def environment() -> dict[str, str]:
+    """A copy of this process's environment, for the tools `make ui`/`make serve` start."""
+    return dict(os.environ)
+
+
+def python_bin_dir() -> Path:
+    """The folder of this Python and of its environment's tools (mlflow, uvicorn): `.venv/bin`."""
+    return Path(sys.executable).parent
 
 
 def torch_home() -> Path:
