@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,16 +65,34 @@ def _tiny_params_file(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-@pytest.mark.slow
-def test_profile_without_a_gpu_picks_quick_says_so_and_estimates_the_study(tmp_path):
-    _tiny_params_file(tmp_path)  # stands in for the study's params.yaml, so the estimate takes seconds
+def _make_dry_run(project: Path, *args: str) -> subprocess.CompletedProcess:
+    """`make -n ARGS` in `project` on this Python's environment, with no GPU visible: make prints
+    the commands and runs only the lines that call $(MAKE), i.e. the profile choice."""
+    for name in ("Makefile", "requirements.lock", "pyproject.toml", "params.quick.yaml"):
+        shutil.copy2(REPO_ROOT / name, project / name)
     env = os.environ | {"CUDA_VISIBLE_DEVICES": ""}  # no GPU, even on a machine that has one
-    result = subprocess.run([CLI, "profile", "--estimate"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
+    env.pop("PROFILE", None)
+    venv = Path(sys.executable).parent.parent
+    return subprocess.run(["make", "-n", *args, f"VENV={venv}"], cwd=project, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_make_run_without_a_gpu_runs_the_quick_profile_and_says_so(tmp_path):
+    _tiny_params_file(tmp_path)  # stands in for the study's params.yaml, so its estimate takes seconds
+    result = _make_dry_run(tmp_path, "run")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "quick"  # what `make run` runs
-    assert "no CUDA GPU" in result.stderr and "make run PROFILE=study" in result.stderr
-    assert "plan for params.yaml: 1 cell on cpu" in result.stderr and "resnet18-scratch-s0" in result.stderr
+    assert "no CUDA GPU here: the quick profile" in result.stderr
+    assert "plan for params.yaml: 1 cell on cpu" in result.stderr  # the study's estimate, for the record
+    commands = result.stdout.splitlines()
+    assert "transfer-study --params params.quick.yaml plan" in commands
+    assert "transfer-study --params params.quick.yaml pipeline --skip-data --skip-plan" in commands
+    assert "transfer-study --params params.quick.yaml next-steps" in commands
+    assert "dvc repro" not in commands  # the study's pipeline
+
+    study = _make_dry_run(tmp_path, "run", "PROFILE=study")
+    assert study.returncode == 0, study.stderr
+    assert ["transfer-study plan", "dvc repro", "transfer-study next-steps"] == study.stdout.splitlines()[-3:]
 
 
 def test_profile_asked_for_is_kept_and_a_wrong_one_is_one_clear_line(tmp_path):

@@ -158,8 +158,8 @@ def choose_profile(requested: str | None, cuda: bool) -> tuple[str, str]:
         return requested, f"the {requested} profile ({PROFILES[requested]}), as asked"
     if cuda:
         return "study", f"a CUDA GPU is here: the study profile ({PROFILES['study']})"
-    return "quick", (f"no CUDA GPU here: running the quick profile ({PROFILES['quick']}) instead of the study; "
-                     f"`make run PROFILE=study` runs the study on this machine anyway")
+    return "quick", (f"no CUDA GPU here: the quick profile ({PROFILES['quick']}) instead of the study "
+                     f"({PROFILES['study']}, days on a CPU); PROFILE=study chooses the study anyway")
 
 
 def profile_of(params_path: str | Path) -> str | None:
