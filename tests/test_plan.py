@@ -66,6 +66,38 @@ def test_step_seconds_separates_the_fixed_part_and_bounds_noise():
     assert plan.step_seconds(32, [(2, 0.5)]) == pytest.approx(8.0)
 
 
+class SleepingTrainer:
+    """Stands in for trainer.Trainer: a step on n images takes fixed_s + per_image_s × n."""
+
+    def __init__(self, fixed_s: float, per_image_s: float):
+        import torch
+
+        self.device, self.fixed_s, self.per_image_s = torch.device("cpu"), fixed_s, per_image_s
+        self.sizes: list[int] = []
+
+    def train_epoch(self, loader, progress):
+        for images, labels in loader:
+            self.sizes.append(len(labels))
+            time.sleep(self.fixed_s + self.per_image_s * len(labels))
+        return 0.0, 0.0
+
+
+def test_timing_grows_the_batch_to_the_real_one_when_steps_are_quick():
+    trainer = SleepingTrainer(fixed_s=0.02, per_image_s=0.001)
+    timed = plan.time_growing_batches(trainer, 8, 3, batch_size=32, budget_s=5.0)
+    assert [images for images, _ in timed] == [2, 8, 16, 32]
+    assert trainer.sizes == [2, 2, 8, 16, 32]  # one warm-up step, then one step per size
+    assert plan.step_seconds(32, timed) == pytest.approx(0.02 + 0.032, rel=0.5)
+
+
+def test_timing_of_a_slow_model_stops_within_the_budget_and_keeps_the_fixed_part_apart():
+    trainer = SleepingTrainer(fixed_s=0.2, per_image_s=0.01)
+    timed = plan.time_growing_batches(trainer, 8, 3, batch_size=32, budget_s=0.8)
+    assert [images for images, _ in timed] == [2, 8]  # the second size, then 16 would not fit
+    # proportional scaling from 2 images would say 32 × 0.11 s = 3.5 s; the step takes 0.52 s
+    assert plan.step_seconds(32, timed) == pytest.approx(0.2 + 0.01 * 32, rel=0.5)
+
+
 def test_disk_rule_counts_kept_copies_the_largest_resume_state_and_the_stores():
     cells = [plan.CellFootprint("a", parameters=1000, trainable=1000),
              plan.CellFootprint("b", parameters=3000, trainable=10)]

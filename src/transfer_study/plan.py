@@ -27,7 +27,7 @@ from .config import ConfigError, Params, SplitParams, TrainParams, UserError
 PROFILES = {"study": "params.yaml", "quick": "params.quick.yaml"}
 PROBE_BATCH = 2  # the smallest batch BatchNorm trains on: the timing starts there
 SECOND_BATCH = 8  # the next: far enough from the first to tell a step's fixed part from its per-image part
-TIMING_BUDGET_S = 3.0  # per model; a model too slow to reach train.batch_size in it is extrapolated
+TIMING_BUDGET_S = 8.0  # per model; a model too slow to reach train.batch_size in it is extrapolated
 PROBE_TIMEOUT_S = 5.0
 FLOAT_BYTES = 4
 # Copies of a cell's weights that stay on disk: best.pt and last.pt in its run folder, DVC's cached
@@ -200,9 +200,9 @@ def _clock(device) -> float:
     return time.perf_counter()
 
 
-def time_training_steps(trainer, batch, steps: int) -> float:
+def time_training_steps(trainer, batch, steps: int, warmup: int = 1) -> float:
     """Seconds per training step of `trainer` on `batch` (uint8 images (N, 3, H, W), labels),
-    timed over `steps` steps after one untimed warm-up step.
+    timed over `steps` steps after `warmup` untimed ones (the first steps of a model allocate).
 
     Each stamp is taken when the loop asks for its next batch, i.e. after the previous step
     finished (train_epoch reads each step's loss), so any loop over (images, labels) works.
@@ -210,13 +210,13 @@ def time_training_steps(trainer, batch, steps: int) -> float:
     stamps: list[float] = []
 
     def batches():
-        for _ in range(steps + 1):
+        for _ in range(warmup + steps):
             stamps.append(_clock(trainer.device))
             yield batch
         stamps.append(_clock(trainer.device))
 
     trainer.train_epoch(batches(), None)
-    return (stamps[-1] - stamps[1]) / steps
+    return (stamps[-1] - stamps[warmup]) / steps
 
 
 def time_prediction(trainer, batch, repeats: int) -> float:
@@ -238,19 +238,21 @@ def random_batch(n: int, size: int, num_classes: int):
 
 def time_growing_batches(trainer, size: int, num_classes: int, batch_size: int,
                          budget_s: float = TIMING_BUDGET_S) -> list[tuple[int, float]]:
-    """Training steps timed on batches of 2, 8, 16 ... images up to `batch_size`, one step each after
-    a warm-up step of its size; [(images, seconds)]. Two sizes at least, since a step's fixed part
-    (the optimiser's update of every weight) would otherwise count per image; more while the next
-    batch fits `budget_s`."""
-    timed, spent, images = [], 0.0, PROBE_BATCH
+    """Training steps timed on batches of 2, 8, 16 ... images up to `batch_size`, one step each
+    (the first after a warm-up step), while a next step twice as long fits `budget_s` (counted
+    after the first size);
+    [(images, seconds)]. Two sizes tell a step's fixed part (the optimiser's update of every
+    weight, a thread hand-off per layer on a CPU) from its per-image part; a model too slow for a
+    second size is extrapolated per image, which its per-image part then dominates anyway."""
+    timed, images, started = [], PROBE_BATCH, None
     while True:
-        started = time.perf_counter()
-        timed.append((images, time_training_steps(trainer, random_batch(images, size, num_classes), 1)))
-        cost = time.perf_counter() - started
-        spent += cost
-        if images >= batch_size or (len(timed) >= 2 and spent + 2 * cost > budget_s):  # next: about 2× this one
+        seconds = time_training_steps(trainer, random_batch(images, size, num_classes), 1, warmup=0 if timed else 1)
+        timed.append((images, seconds))
+        started = started or time.perf_counter()  # the budget starts after the warm-up, which allocates
+        following = min(max(2 * images, SECOND_BATCH), batch_size)
+        if images >= batch_size or time.perf_counter() - started + 2 * seconds > budget_s:
             return timed
-        images = min(max(2 * images, SECOND_BATCH), batch_size)
+        images = following
 
 
 def time_model(params: Params, arch: str, num_classes: int, device) -> ModelTiming:
