@@ -86,14 +86,14 @@ def test_timing_grows_the_batch_to_the_real_one_when_steps_are_quick():
     trainer = SleepingTrainer(fixed_s=0.02, per_image_s=0.001)
     timed = plan.time_growing_batches(trainer, 8, 3, batch_size=32, budget_s=5.0)
     assert [images for images, _ in timed] == [2, 8, 16, 32]
-    assert trainer.sizes == [2, 2, 8, 16, 32]  # one warm-up step, then one step per size
+    assert trainer.sizes == [2, 2, 2, 8, 8, 16, 16, 32, 32]  # one warm-up step, then two steps per size
     assert plan.step_seconds(32, timed) == pytest.approx(0.02 + 0.032, rel=0.5)
 
 
 def test_timing_of_a_slow_model_stops_within_the_budget_and_keeps_the_fixed_part_apart():
     trainer = SleepingTrainer(fixed_s=0.2, per_image_s=0.01)
     timed = plan.time_growing_batches(trainer, 8, 3, batch_size=32, budget_s=0.8)
-    assert [images for images, _ in timed] == [2, 8]  # the second size, then 16 would not fit
+    assert [images for images, _ in timed] == [2, 8]  # two sizes always; 16 would not fit
     # proportional scaling from 2 images would say 32 × 0.11 s = 3.5 s; the step takes 0.52 s
     assert plan.step_seconds(32, timed) == pytest.approx(0.2 + 0.01 * 32, rel=0.5)
 
