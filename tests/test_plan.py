@@ -96,6 +96,8 @@ def test_timing_of_a_slow_model_stops_within_the_budget_and_keeps_the_fixed_part
     assert [images for images, _ in timed] == [2, 8]  # two sizes always; 16 would not fit
     # proportional scaling from 2 images would say 32 × 0.11 s = 3.5 s; the step takes 0.52 s
     assert plan.step_seconds(32, timed) == pytest.approx(0.2 + 0.01 * 32, rel=0.5)
+    rough = plan.time_growing_batches(SleepingTrainer(0.2, 0.01), 8, 3, batch_size=32, min_sizes=1, budget_s=0.8)
+    assert [images for images, _ in rough] == [2]  # the rough estimate of a profile that will not run
 
 
 def test_disk_rule_counts_kept_copies_the_largest_resume_state_and_the_stores():

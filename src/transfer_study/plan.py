@@ -236,16 +236,16 @@ def random_batch(n: int, size: int, num_classes: int):
     return images, torch.randint(0, num_classes, (n,), generator=generator)
 
 
-def time_growing_batches(trainer, size: int, num_classes: int, batch_size: int,
+def time_growing_batches(trainer, size: int, num_classes: int, batch_size: int, min_sizes: int = 2,
                          budget_s: float = TIMING_BUDGET_S) -> list[tuple[int, float]]:
     """Training steps timed on batches of 2, 8, 16 ... images up to `batch_size`, the faster of two
     steps each (the first size after a warm-up step); [(images, seconds)].
 
-    Two sizes always, to tell a step's fixed part (the optimiser's update of every weight, a
-    thread hand-off per layer on a CPU) from its per-image part: scaled from 2 images alone, a
-    ResNet-18 step at 64 px on a CPU looks five times slower than it is. Larger sizes while two
-    steps twice as long still fit `budget_s`, counted from the end of the first size (its warm-up
-    step allocates).
+    `min_sizes` sizes at least: two tell a step's fixed part (the optimiser's update of every
+    weight, a thread hand-off per layer on a CPU) from its per-image part; scaled from 2 images
+    alone, a ResNet-18 step at 64 px on a CPU looks several times slower than it is. Then larger
+    sizes while their two steps, even if their time grows with the images, fit `budget_s`
+    (counted from the end of the first size, whose warm-up step allocates).
     """
     timed, images, started = [], PROBE_BATCH, None
     while True:
@@ -254,18 +254,20 @@ def time_growing_batches(trainer, size: int, num_classes: int, batch_size: int,
         seconds = min(time_training_steps(trainer, batch, 1, warmup=0 if timed else 1),
                       time_training_steps(trainer, batch, 1, warmup=0))
         timed.append((images, seconds))
-        started = started or time.perf_counter()  # the budget starts after the warm-up, which allocates
+        started = started or time.perf_counter()
         following = min(max(2 * images, SECOND_BATCH), batch_size)
-        over_budget = len(timed) >= 2 and time.perf_counter() - started + 4 * seconds > budget_s
-        if images >= batch_size or over_budget:
+        next_cost = 2 * seconds * following / images
+        if images >= batch_size or (len(timed) >= min_sizes and
+                                    time.perf_counter() - started + next_cost > budget_s):
             return timed
         images = following
 
 
-def time_model(params: Params, arch: str, num_classes: int, device) -> ModelTiming:
+def time_model(params: Params, arch: str, num_classes: int, device, thorough: bool = True) -> ModelTiming:
     """Time `arch` at its train.image_size: training steps on growing batches up to
     train.batch_size (step_seconds extrapolates when the budget stops short of it), then
-    forward passes on twice the largest batch, as prediction runs.
+    forward passes on twice the largest batch, as prediction runs. Without `thorough`, a slow
+    model gets one batch size (a rough estimate, for a profile that will not run here).
 
     The model trains every layer from random weights: a finetune step costs the same, and a
     frozen step is the forward pass timed here, so no ImageNet weights are needed."""
@@ -274,7 +276,7 @@ def time_model(params: Params, arch: str, num_classes: int, device) -> ModelTimi
     t = dataclasses.replace(params.train, max_batches_per_epoch=None)  # the timed steps must all run
     trainer = Trainer(dataclasses.replace(params, train=t), Cell(arch, "scratch", 0), num_classes, device)
     size = t.image_size[arch]
-    timed = time_growing_batches(trainer, size, num_classes, t.batch_size)
+    timed = time_growing_batches(trainer, size, num_classes, t.batch_size, min_sizes=2 if thorough else 1)
     train_step = step_seconds(t.batch_size, timed)
     images = 2 * timed[-1][0]  # a forward pass has little fixed cost: this batch is near the real one's rate
     predict = time_prediction(trainer, random_batch(images, size, num_classes), 1) / images
@@ -282,11 +284,11 @@ def time_model(params: Params, arch: str, num_classes: int, device) -> ModelTimi
 
 
 def estimate_cells(params: Params, cells: list[Cell], sizes: SplitSizes, num_classes: int,
-                   device) -> list[CellEstimate]:
+                   device, thorough: bool = True) -> list[CellEstimate]:
     """Each cell's estimate, timing each architecture once (its conditions and seeds share the timing)."""
     timings: dict[str, ModelTiming] = {}
     for arch in dict.fromkeys(c.architecture for c in cells):
-        timings[arch] = time_model(params, arch, num_classes, device)
+        timings[arch] = time_model(params, arch, num_classes, device, thorough)
     return [estimate_cell(c, params.train, sizes, timings[c.architecture]) for c in cells]
 
 
@@ -440,7 +442,8 @@ def device_name(device) -> str:
 
 def preflight(params: Params, params_path: str, root: Path, skip_data: bool = False, checks: bool = True,
               reachable: Callable[[str], bool] | None = None) -> Plan:
-    """Check data, weights and disk (unless `checks` is False), then time each architecture.
+    """Check data, weights and disk, then time each architecture; without `checks` (a profile
+    that will not run here), time it only, and roughly.
 
     The checks run first and raise UserError at the first problem, before anything is timed.
     `reachable` tells whether a weights URL answers (default: url_reachable).
@@ -462,7 +465,7 @@ def preflight(params: Params, params_path: str, root: Path, skip_data: bool = Fa
 
     device = pick_device()
     started = time.perf_counter()
-    estimates = estimate_cells(params, cells, sizes, max(num_classes, 2), device)
+    estimates = estimate_cells(params, cells, sizes, max(num_classes, 2), device, thorough=checks)
     return Plan(params_path, device_name(device), estimates, sizes, time.perf_counter() - started, data, weights,
                 disk)
 
