@@ -226,7 +226,7 @@ def test_pipeline_stops_at_the_preflight_for_missing_weights_offline(tmp_path, m
 def test_the_estimate_is_within_a_factor_of_two_of_a_real_run(tmp_path, tracking_uri):
     import torch
 
-    from transfer_study.train import train_cell
+    from transfer_study.train import pick_device, train_cell
 
     # One thread for both: on a busy 2-core machine two threads wait on each other at every
     # operation, which makes any short timing, and the run itself, vary several-fold.
@@ -237,7 +237,7 @@ def test_the_estimate_is_within_a_factor_of_two_of_a_real_run(tmp_path, tracking
         params = tiny_params(architectures=("resnet18",), conditions=("scratch",), epochs=2, batch_size=8)
         cell = Cell("resnet18", "scratch", 0)
         sizes, classes = plan.planned_sizes(plan.read_data_state(params, tmp_path), params)
-        device = torch.device("cpu")
+        device = pick_device()  # the device train_cell trains on
         before = plan.estimate_cells(params, [cell], sizes, classes, device)[0]
         run_dir = train_cell(params, cell, tmp_path, tracking_uri)
         after = plan.estimate_cells(params, [cell], sizes, classes, device)[0]  # brackets the run's load
