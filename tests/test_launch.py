@@ -9,7 +9,6 @@ from urllib.parse import unquote
 
 import mlflow
 import pytest
-
 from conftest import REPO_ROOT
 
 from transfer_study import launch

@@ -151,6 +151,19 @@ def test_durations_read_as_people_say_them():
     assert plan.format_duration(53 * 3600) == "2 d 5 h"
 
 
+def test_the_printed_plan_gives_each_cell_the_total_and_every_check(tmp_path):
+    t = TrainParams(epochs=3, batch_size=32, image_size={"resnet18": 64})
+    estimate = plan.estimate_cell(Cell("resnet18", "frozen", 0), t, SIZES, TIMING)
+    printed = plan.format_plan(plan.Plan(
+        "params.quick.yaml", "cpu (2 threads)", [estimate], SIZES, 3.2, ["data/raw: 140 images in 3 class folders"],
+        [plan.WeightsStatus("resnet18", None, "https://example.org/r.pth")], (2_000_000_000, 9_000_000_000, tmp_path)))
+    assert printed.startswith("plan for params.quick.yaml: 1 cell on cpu (2 threads)")
+    # 3 epochs × (4 steps × 32 images + 20 val images) × 0.01 s + 140 images × 0.01 s
+    assert "resnet18-frozen-s0" in printed and "total: about 6 s" in printed
+    assert "training downloads it from https://example.org/r.pth" in printed
+    assert f"disk: about 2.0 GB for checkpoints, models and image stores; 9.0 GB free at {tmp_path}" in printed
+
+
 # --------------------------------------------------------------------------- checks
 
 

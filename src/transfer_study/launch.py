@@ -109,6 +109,6 @@ def closing_lines(params: Params, params_path: str) -> list[str]:
         f"done ({params_path}):",
         f"  report: {reports}/ (table1.md, comparison.md, mcnemar.md, figure1.png)",
         f"  runs:   {ui}: mlflow ui, opening on experiment {params.tracking.experiment}'s runs",
-        f"  serve:  {serve}: models:/{params.tracking.registered_model}@{CHAMPION_ALIAS} at {url}; "
-        f"then `transfer-study predict --url {url} IMAGE`",
+        (f"  serve:  {serve}: models:/{params.tracking.registered_model}@{CHAMPION_ALIAS} at {url}; "
+         f"then `transfer-study predict --url {url} IMAGE`"),
     ]

@@ -28,7 +28,7 @@ PROFILES = {"study": "params.yaml", "quick": "params.quick.yaml"}
 PROBE_BATCH = 2  # the smallest batch BatchNorm trains on: the timing starts there
 SECOND_BATCH = 8  # the next: far enough from the first to tell a step's fixed part from its per-image part
 TIMING_BUDGET_S = 8.0  # per model; a model too slow to reach train.batch_size in it is extrapolated
-PROBE_TIMEOUT_S = 5.0
+PROBE_TIMEOUT_S = 5.0  # for the HEAD request that asks whether a missing weights file can be downloaded
 FLOAT_BYTES = 4
 # Copies of a cell's weights that stay on disk: best.pt and last.pt in its run folder, DVC's cached
 # copy of each, and the model MLflow logs.
@@ -337,15 +337,15 @@ def check_weights(cells: list[Cell], weights_dir: Path | None,
         if cell.pretrained:
             first_cell.setdefault(cell.architecture, cell)
     for arch, cell in first_cell.items():
+        path, url = None, None
         try:
-            statuses.append(WeightsStatus(arch, models.resolve_weights(arch, weights_dir, download=False), None))
-            continue
+            path = models.resolve_weights(arch, weights_dir, download=False)
         except models.WeightsMissing as missing:
             url = models.weights_url(arch)
             if url is None or not reachable(url):
                 where = f" and {url} cannot be reached from here" if url else ""
                 raise models.WeightsMissing(f"cell {cell.name} needs ImageNet weights{where}: {missing}") from None
-        statuses.append(WeightsStatus(arch, None, url))
+        statuses.append(WeightsStatus(arch, path, url))
     return statuses
 
 
@@ -353,10 +353,8 @@ def check_weights(cells: list[Cell], weights_dir: Path | None,
 class DataState:
     """What the data stages have built so far."""
 
-    raw: Path
     raw_images: int  # files in raw/<class>/ (0: nothing fetched or copied yet)
     raw_classes: int
-    cropped: Path
     cropped_present: bool
     manifest: Path
     manifest_sizes: SplitSizes | None
@@ -379,8 +377,8 @@ def read_data_state(params: Params, root: Path) -> DataState:
         sizes = SplitSizes(int(counts.get("train", 0)), int(counts.get("val", 0)), int(counts.get("test", 0)),
                            params.paths.manifest)
         classes = manifest["label"].nunique()
-    return DataState(raw, raw_images, len(class_dirs), cropped, cropped.is_dir() and any(cropped.iterdir()),
-                     manifest_path, sizes, classes)
+    return DataState(raw_images, len(class_dirs), cropped.is_dir() and any(cropped.iterdir()), manifest_path, sizes,
+                     classes)
 
 
 def planned_sizes(state: DataState, params: Params) -> tuple[SplitSizes, int]:
