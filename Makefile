@@ -15,6 +15,9 @@ STAMP := $(VENV)/.installed
 # A pip constraint file on some machines caps torch below the locked release; the lock decides.
 export PIP_CONSTRAINT :=
 export PATH := $(abspath $(BIN)):$(PATH)
+# OpenMP threads that spin while they wait make torch on a shared CPU up to 10x slower when anything
+# else runs (bench/README.md measured it); passive waiting costs little when the machine is idle.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 # study | quick; empty: the study on a CUDA GPU, the quick profile without one (`transfer-study profile`)
 PROFILE ?=
@@ -63,10 +66,11 @@ run-study:
 	dvc repro
 	@transfer-study next-steps
 
+# The quick profile's own DVC pipeline (it brings the shared data stages up to date first): a second
+# run with nothing changed runs no stage and registers nothing new.
 run-quick:
 	transfer-study --params params.quick.yaml plan
-	dvc repro split
-	transfer-study --params params.quick.yaml pipeline --skip-data --skip-plan
+	dvc repro profiles/quick/dvc.yaml
 	@transfer-study --params params.quick.yaml next-steps
 
 quick: data

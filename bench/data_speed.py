@@ -18,7 +18,7 @@ from baseline import standard_loader, standard_transform, train_folder
 from table import Row
 from timing import SteadyStateBatches, alternate_windows
 from transfer_study import transforms
-from workspace import BATCH_SIZE, BatchPlan, Workspace, epoch_loader
+from workspace import BATCH_SIZE, BatchPlan, Workspace, epoch_batches
 
 DATA_MODEL_TARGET = 3.0
 
@@ -32,21 +32,19 @@ def _plan(ws: Workspace) -> BatchPlan:
 def fast_pipeline_window(ws: Workspace, size: int):
     """A function timing one window of the fast pipeline (a fresh epoch loader each call)."""
     data = ws.training_data(size)
-    augment = transforms.GpuAugment(ws.params.train.augment).to(ws.device)
-    source = data.source(data.rows("train"))
-    pin = channels_last = ws.device.type == "cuda"
+    augment = transforms.DeviceAugment(ws.params.train.augment)
+    images, rows = data.on_device(ws.device), data.rows("train")
+    channels_last = ws.device.type == "cuda"
     epochs = iter(range(1, 1_000_000))
     plan = _plan(ws)
 
     def window() -> float:
         batches = SteadyStateBatches(
-            lambda: epoch_loader(source, next(epochs), ws.workers, pin),
+            lambda: epoch_batches(images, rows, next(epochs)),
             plan.warmup, plan.batches, 1, ws.device)
         with torch.no_grad():
-            for images_u8, labels in batches:
-                images = transforms.to_model_input(images_u8, ws.device, channels_last)
-                labels = labels.to(ws.device, non_blocking=True)
-                transforms.normalize(augment(images))
+            for images_u8, _labels in batches:
+                transforms.normalize(augment(transforms.to_model_input(images_u8, ws.device, channels_last)))
         return batches.rates[0]
 
     return window

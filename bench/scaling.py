@@ -49,7 +49,7 @@ def measure_one_size(raw: Path, size: int, work: Path, device: torch.device, tra
     """Store build and one data-pipeline epoch over `raw` (median of `repeats` each), and if `train`
     one frozen-head epoch. Peak anonymous memory is taken per phase: build, then epochs."""
     from timing import PeakAnonymousMemory, anonymous_rss_bytes, peak_rss_bytes, sync
-    from workspace import epoch_loader
+    from workspace import epoch_batches
     from transfer_study import imagestore, transforms
     from transfer_study.config import AugmentParams
 
@@ -71,17 +71,15 @@ def measure_one_size(raw: Path, size: int, work: Path, device: torch.device, tra
     result["store_bytes"] = int(store.nbytes)
 
     with PeakAnonymousMemory() as epoch_memory:
-        source = imagestore.BatchSource(store, labels)
-        augment = transforms.GpuAugment(AugmentParams()).to(device)
+        images = imagestore.DeviceImages(store, labels, device)
+        rows = np.arange(len(labels))
+        augment = transforms.DeviceAugment(AugmentParams())
         epoch_times = []
         for epoch in range(repeats):
-            loader = epoch_loader(source, epoch, 2 if cuda else 0, cuda)
             started = time.perf_counter()
             with torch.no_grad():
-                for images_u8, batch_labels in loader:
-                    images = transforms.to_model_input(images_u8, device, cuda)
-                    batch_labels.to(device, non_blocking=True)
-                    transforms.normalize(augment(images))
+                for images_u8, _batch_labels in epoch_batches(images, rows, epoch):
+                    transforms.normalize(augment(transforms.to_model_input(images_u8, device, cuda)))
             sync(device)
             epoch_times.append(time.perf_counter() - started)
         result["epoch_s"], result["epoch_s_all"] = statistics.median(epoch_times), epoch_times
@@ -101,7 +99,7 @@ def _frozen_head_epoch(store, labels, size: int, device: torch.device, work: Pat
 
     from timing import sync
     from transfer_study import imagestore, models
-    from workspace import epoch_loader
+    from workspace import epoch_batches
     from transfer_study.config import Params
     from transfer_study.cells import Cell
     from transfer_study.trainer import Trainer
@@ -119,9 +117,9 @@ def _frozen_head_epoch(store, labels, size: int, device: torch.device, work: Pat
         weights_dir=str(weights_dir) if weights_dir else None))
     trainer = Trainer(params, Cell("efficientnet_lite0", "frozen", 0), int(labels.max()) + 1, device)
     cuda = device.type == "cuda"
-    loader = epoch_loader(imagestore.BatchSource(store, labels), 1, 2 if cuda else 0, cuda)
+    batches = epoch_batches(imagestore.DeviceImages(store, labels, device), np.arange(len(labels)), 1)
     started = time.perf_counter()
-    trainer.train_epoch(loader, None)
+    trainer.train_epoch(batches, None)
     sync(device)
     return {"train_s": time.perf_counter() - started}
 

@@ -1,9 +1,9 @@
 """Section `train`: training throughput (images/s) per architecture × condition.
 
-Fast path: `transfer_study.trainer.Trainer.train_epoch` fed by each epoch's `train.shard_loader`,
-as `train_cell` runs them (uint8 memmap store, per-sample kornia augmentation on the device,
-pinned memory and non-blocking copies, bf16 autocast and channels_last on CUDA, frozen backbone
-under no_grad). Baseline: bench/baseline.py's standard recipe on the same train rows.
+Fast path: `transfer_study.trainer.Trainer.train_epoch` fed by `DeviceImages.batches`, as
+`train_cell` runs them (uint8 store resident in GPU memory, batches gathered on the device,
+per-sample augmentation drawn on the device, no per-step host sync, fused Adam, bf16 autocast,
+channels_last, the step captured as a CUDA graph on CUDA; frozen backbone under no_grad). Baseline: bench/baseline.py's standard recipe on the same train rows.
 
 Both are measured in steady state: each timed window follows untimed warm-up batches, and
 fast and baseline windows alternate; the median window is reported. Peak GPU memory is taken
@@ -20,7 +20,7 @@ from timing import SteadyStateBatches, alternate_windows, progress
 from transfer_study.cells import Cell
 from transfer_study.train import seed_everything
 from transfer_study.trainer import Trainer
-from workspace import BATCH_SIZE, Workspace, epoch_loader
+from workspace import BATCH_SIZE, Workspace, epoch_batches
 
 
 def fast_runner(ws: Workspace, arch: str, condition: str):
@@ -28,12 +28,11 @@ def fast_runner(ws: Workspace, arch: str, condition: str):
     seed_everything(0)
     data = ws.training_data(ws.size_of(arch))
     trainer = Trainer(ws.train_params(arch), Cell(arch, condition, 0), len(data.class_names), ws.device)
-    pin = ws.device.type == "cuda"
-    source = data.source(data.rows("train"))
+    images, rows = data.on_device(ws.device), data.rows("train")
     epochs = iter(range(1, 1_000_000))
 
-    def loader():  # a new epoch's loader, as train_cell builds one per epoch
-        return epoch_loader(source, next(epochs), ws.workers, pin)
+    def loader():  # a new epoch's batches, as train_cell makes them
+        return epoch_batches(images, rows, next(epochs))
 
     def window() -> float:
         batches = SteadyStateBatches(loader, ws.plan.warmup, ws.plan.batches, 1, ws.device)

@@ -12,12 +12,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from transfer_study import distributed, imagestore, models
+from transfer_study import distributed, models
 from transfer_study.config import Params, UserError, load_params
 from transfer_study.distributed import SINGLE_PROCESS
-from transfer_study.imagestore import TrainingData, shard_loader
+from transfer_study.imagestore import DeviceImages, TrainingData
 from transfer_study.split import read_manifest
 
 BATCH_SIZE = 32  # the study's batch size, used by both paths
@@ -65,11 +66,6 @@ class Workspace:
         return dataclasses.replace(self.params, train=train)
 
     @property
-    def workers(self) -> int:
-        """Loader workers of the fast path, as train.train_cell picks them (none on a CPU)."""
-        return self.params.train.num_workers if self.device.type == "cuda" else 0
-
-    @property
     def train_rows(self):
         return self.manifest.index[self.manifest["split"] == "train"].to_numpy()
 
@@ -104,12 +100,11 @@ class Workspace:
         return folder, placeholders
 
 
-def epoch_loader(source: imagestore.BatchSource, seed: int, workers: int,
-                 pin: bool) -> torch.utils.data.DataLoader:
-    """One epoch's loader of whole uint8 batches, built as train._train_epochs builds it (a seeded
-    permutation cut into batches of 32, one process), so the fast path is the project's own."""
-    permutation = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed)).tolist()
-    return shard_loader(source, distributed.shard_batches(permutation, BATCH_SIZE, SINGLE_PROCESS), workers, pin)
+def epoch_batches(images: DeviceImages, rows: np.ndarray, seed: int):
+    """One epoch's batches, as train._train_epochs makes them: a seeded permutation of the train
+    rows cut into batches of 32, gathered where the store lies (on a GPU, in device memory)."""
+    permutation = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).numpy()
+    return images.batches(distributed.shard_batches(rows[permutation].tolist(), BATCH_SIZE, SINGLE_PROCESS))
 
 
 def _random_imagenet_state(arch: str) -> dict:

@@ -17,3 +17,10 @@ def test_cells_for_respects_exclude_and_filters():
     assert [c.name for c in cells.cells_for(params, "resnet18", "frozen")] == []
     with pytest.raises(UserError):
         cells.cells_for(params, "vgg19")
+
+
+def test_pretrained_architectures_are_those_of_pretrained_cells_not_excluded():
+    params = tiny_params(architectures=("resnet18", "small_cnn", "efficientnet_lite0"), conditions=("scratch", "frozen"),
+                         exclude=("small_cnn-frozen", "resnet18-frozen"))
+    assert cells.pretrained_architectures(params) == ["efficientnet_lite0"]
+    assert cells.pretrained_architectures(tiny_params(conditions=("scratch",))) == []

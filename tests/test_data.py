@@ -285,17 +285,25 @@ def make_mode_image(mode: str) -> tuple[Image.Image, str]:
     return random_rgb(7, (20, 20)).convert(mode), ".png"
 
 
-@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "P+transparency", "CMYK", "I;16", "1"])
-def test_non_rgb_modes_are_converted_with_an_info(raw, mode):
+# mode -> the conversions open_rgb applies, as problem kinds, in order
+CONVERSIONS = {
+    "L": ["converted_grayscale"], "LA": ["converted_grayscale", "converted_transparency"],
+    "RGBA": ["converted_transparency"], "P": ["converted_palette"],
+    "P+transparency": ["converted_palette", "converted_transparency"], "CMYK": ["converted_cmyk"],
+    "I;16": ["converted_16bit"], "1": ["converted_grayscale"],
+}
+
+
+@pytest.mark.parametrize("mode", CONVERSIONS)
+def test_each_conversion_is_an_info_naming_the_file(raw, mode):
     image, suffix = make_mode_image(mode)
     path = raw / "c" / f"odd{suffix}"
     save(image, path, transparency=0) if mode == "P+transparency" else save(image, path)
     report = validate_dataset(raw, ValidateParams())
-    problem = only(report, "converted")
-    assert problem.severity == "info" and problem.path == str(path)
-    assert "converted to RGB" in problem.message
-    if mode == "P+transparency":
-        assert "transparency" in problem.message
+    assert [p.kind for p in report.problems] == CONVERSIONS[mode]
+    assert all(p.severity == "info" and p.path == str(path) for p in report.problems)
+    words = " ".join(p.message for p in report.problems)
+    assert {"CMYK": "CMYK", "I;16": "16-bit", "RGBA": "transparency composited onto white"}.get(mode, "") in words
     assert report.summary["classes"]["c"] == 5
     assert not report.fails(strict=True)
 
@@ -396,9 +404,46 @@ def test_report_is_written_as_json(raw, tmp_path):
     assert written["classes"] == {"a": 4, "b": 4, "c": 5}
     assert written["total_images"] == 13 and written["excluded_images"] == 1
     assert written["problems_by_severity"] == {"error": 0, "warning": 1, "info": 1}
-    assert written["problems_by_kind"] == {"converted": 1, "unreadable": 1}
+    assert written["problems_by_kind"] == {"converted_grayscale": 1, "unreadable": 1}
     assert written["excluded"] == [str(raw / "a" / "notes.jpg")]
-    assert {p["kind"] for p in written["problems"]} == {"converted", "unreadable"}
+    assert {p["kind"] for p in written["problems"]} == {"converted_grayscale", "unreadable"}
+
+
+@pytest.mark.parametrize("size, input_size, expected", [
+    ((28, 28), 224, "28x28 is far below the model's 224 px input: upscaled at least 8.0x, to 224x224"),
+    ((30, 60), 299, "30x60 is far below the model's 299 px input: upscaled at least 5.0x, to 150x299"),
+    ((32, 32), 64, "32x32 is far below the model's 64 px input: upscaled at least 2.0x, to 64x64"),
+    ((33, 20), 64, None),  # under 2x: not far below
+])
+def test_images_far_below_the_model_input_say_what_they_are_upscaled_to(raw, size, input_size, expected):
+    path = save(random_rgb(5, size), raw / "b" / "small.png")
+    report = validate_dataset(raw, ValidateParams(), input_size=input_size)
+    upscaled = {p.path: p for p in report.problems if p.kind == "upscaled"}
+    if expected is None:
+        assert str(path) not in upscaled
+    else:
+        assert upscaled[str(path)].message == expected and upscaled[str(path)].severity == "info"
+    assert not [p for p in validate_dataset(raw, ValidateParams()).problems if p.kind == "upscaled"]  # no size: none
+
+
+def test_verbose_lists_each_conversion_per_file_and_quiet_counts_them(raw, tmp_path, capsys):
+    """Issue 11: the conversions (CMYK, 16-bit, RGBA, EXIF) were only a count."""
+    for mode in ("CMYK", "I;16", "RGBA"):
+        image, suffix = make_mode_image(mode)
+        save(image, raw / "a" / f"{mode.replace(';', '')}{suffix}")
+    rotated = exif_jpeg(raw / "b" / "rotated.jpg")
+    out = tmp_path / "validation.json"
+    data.validate_and_report(raw, out, ValidateParams(), input_size=224)
+    quiet = capsys.readouterr().out
+    assert "INFO" not in quiet
+    assert ("info: 1 converted 16bit, 1 converted cmyk, 1 converted transparency, 1 exif rotated, 16 upscaled "
+            "(--verbose lists each file)") in quiet
+    data.validate_and_report(raw, out, ValidateParams(), verbose=True, input_size=224)
+    lines = capsys.readouterr().out.splitlines()
+    for name, words in (("CMYK.jpg", "CMYK colours converted to RGB"), ("I16.png", "16-bit gray"),
+                        ("RGBA.png", "transparency composited onto white"), ("rotated.jpg", "rotated per EXIF")):
+        assert [line for line in lines if line.startswith(f"INFO: {raw}/") and name in line and words in line], name
+    assert f"INFO: {rotated}: 20x40 is far below the model's 224 px input: upscaled at least 5.6x, to 112x224" in "\n".join(lines)
 
 
 def test_hidden_files_are_ignored(raw):
@@ -471,8 +516,11 @@ def test_open_rgb_names_the_bad_file(tmp_path):
     truncated.write_bytes(png_bytes(random_rgb(1))[:300])
     with pytest.raises(UserError, match="cut.png"):
         open_rgb(truncated)
-    with pytest.raises(UserError, match="not a readable image"):
+    with pytest.raises(UserError, match=r"^the file is not an image \(PNG, JPEG or WebP\) Pillow can read") as bytes_error:
         open_rgb(b"garbage")
+    assert "BytesIO" not in str(bytes_error.value)
+    with pytest.raises(UserError, match=r"^'.*notes.jpg' is not an image \(PNG, JPEG or WebP\) Pillow can read"):
+        open_rgb(text)
 
 
 def png_header_only(width: int, height: int) -> bytes:

@@ -50,11 +50,16 @@ def test_weighted_rank_losses_average_to_the_global_mean_loss():
     torch.testing.assert_close(sum(weighted) / world.size, global_mean)  # DDP averages over ranks
 
 
-def test_each_rank_trains_on_its_own_shard_of_every_epoch(tmp_path, monkeypatch):
+def test_each_rank_trains_on_its_own_shard_of_every_epoch(tmp_path):
     make_split_project(tmp_path)  # 12 train images
     manifest = pd.read_csv(tmp_path / "data/split/manifest.csv")
     data = imagestore.TrainingData(manifest, tmp_path, 32, tmp_path / "cache")
-    monkeypatch.setattr(train, "shard_loader", lambda source, shards, workers, pin: shards)
+
+    class RecordingImages:
+        """Stands in for imagestore.DeviceImages: hands out the shards themselves as the batches."""
+
+        def batches(self, shards):
+            return shards
 
     class RecordingTrainer:
         """Stands in for trainer.Trainer: records the shards each epoch hands it."""
@@ -70,12 +75,12 @@ def test_each_rank_trains_on_its_own_shard_of_every_epoch(tmp_path, monkeypatch)
 
     ranks = [RecordingTrainer(World(rank, 2)) for rank in (0, 1)]
     for trainer in ranks:
-        train._train_epochs(trainer, data, tiny_params(epochs=2, batch_size=4), cells.Cell("resnet18", "scratch", 0),
-                            1, recorder=None)
+        train._train_epochs(trainer, RecordingImages(), data.rows("train"), tiny_params(epochs=2, batch_size=4),
+                            cells.Cell("resnet18", "scratch", 0), 1, recorder=None)
     for epoch in range(2):
         rows = [[row for shard in rank.epochs[epoch] for row in shard] for rank in ranks]
         assert [len(shard) for shard in ranks[0].epochs[epoch]] == [2, 2, 2]  # per-rank batch: 4 / 2
-        assert not set(rows[0]) & set(rows[1]) and sorted(rows[0] + rows[1]) == list(range(12))
+        assert not set(rows[0]) & set(rows[1]) and sorted(rows[0] + rows[1]) == data.rows("train").tolist()
     assert ranks[0].epochs[0] != ranks[0].epochs[1], "the same order every epoch"
 
 

@@ -17,7 +17,8 @@ from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_
 
 from transfer_study.config import EvaluateParams, UserError
 from transfer_study.evaluate import (BATCH_METRICS, SCALAR_METRICS, batch_accuracy, bootstrap_ci,
-                                     classification_metrics, evaluate_runs, mcnemar)
+                                     bootstrap_distribution, classification_metrics, evaluate_runs, mcnemar,
+                                     resample_weights)
 
 CLASSES = ["coat", "dress", "shirt"]
 
@@ -112,13 +113,18 @@ def test_bootstrap_ci_is_reproducible_and_brackets_the_estimate():
     assert 0.03 < (first[1] - first[0]) / 2 < 0.07  # about ±4.5 points for n = 270
 
 
-def test_bootstrap_of_five_metrics_for_six_runs_takes_seconds():
-    runs = [synthetic_predictions(270, 6, 0.8, seed=s) for s in range(6)]
-    started = time.perf_counter()
-    for y_true, y_pred, proba in runs:
-        for metric_fn in BATCH_METRICS.values():
-            bootstrap_ci(y_true, y_pred, proba, metric_fn, 2000, 0.95, seed=0)
-    assert time.perf_counter() - started < 15
+def test_bootstrap_values_are_the_metric_of_each_resample_whatever_the_chunk():
+    # Speed is bench/'s business; here: every value is the plain metric on its resample of the
+    # images, and chunking the resamples (bounded memory) changes nothing.
+    y_true, y_pred, proba = synthetic_predictions(90, 3, 0.7, seed=8)
+    values = bootstrap_distribution(y_true, y_pred, proba, BATCH_METRICS["f1_macro"], 40, seed=3, chunk=7)
+    assert np.array_equal(values, bootstrap_distribution(y_true, y_pred, proba, BATCH_METRICS["f1_macro"], 40, seed=3))
+    weights = resample_weights(90, 40, seed=3).astype(int)
+    assert (weights.sum(axis=1) == 90).all()
+    for b in (0, 17, 39):
+        drawn = np.repeat(np.arange(90), weights[b])
+        plain = classification_metrics(y_true[drawn], y_pred[drawn], proba[drawn], 3)["f1_macro"]
+        assert values[b] == pytest.approx(plain)
 
 
 # --------------------------------------------------------------------------- McNemar
@@ -136,6 +142,23 @@ def test_mcnemar_exact_on_small_discordance():
     assert (result["b"], result["c"]) == (10, 2)
     assert result["method"] == "exact binomial"
     assert result["p_value"] == pytest.approx(0.0386, abs=1e-4)  # 2 * (1 + 12 + 66) / 2**12
+
+
+@pytest.mark.parametrize("b, c, method", [(17, 7, "exact"), (18, 7, "chi-square")])
+def test_mcnemar_is_exact_below_25_discordant_pairs(b, c, method):
+    """b + c = 24 takes the exact binomial test, 25 the chi-square; the two p-values differ enough
+    here (24: 0.064 exact vs 0.066 chi-square; 25: 0.043 vs 0.045) that the test shows which ran."""
+    from scipy import stats
+
+    exact = 2 * stats.binom.cdf(min(b, c), b + c, 0.5)
+    chi_square = stats.chi2.sf((abs(b - c) - 1) ** 2 / (b + c), df=1)
+    assert abs(exact - chi_square) > 1e-3
+    result = mcnemar(*paired_results(40, b, c, 9))
+    assert (result["b"], result["c"]) == (b, c)
+    if method == "exact":
+        assert result["method"] == "exact binomial" and result["p_value"] == pytest.approx(exact, rel=1e-9)
+    else:
+        assert result["method"].startswith("chi-square") and result["p_value"] == pytest.approx(chi_square, rel=1e-9)
 
 
 def test_mcnemar_chi_square_textbook_example():
@@ -236,6 +259,8 @@ def test_the_current_runs_tag_moves_to_the_runs_each_evaluation_reads(tmp_path, 
     params = EvaluateParams(bootstrap_samples=50)
     first = write_fake_run(models, uri, experiment_id, "resnet18", "frozen", 0, 0.8)
     kept = write_fake_run(models, uri, experiment_id, "vgg19", "frozen", 0, 0.6)
+    parent = mlflow.MlflowClient(uri).create_run(experiment_id, run_name="vgg19-frozen").info.run_id
+    mlflow.MlflowClient(uri).set_tag(kept, "mlflow.parentRunId", parent)  # a study cell's row (several runs)
     evaluate_runs(models, out, params, uri)
     shutil.rmtree(models / "resnet18-frozen")  # a later `dvc repro` retrains one cell: a new run, same name
     second = write_fake_run(models, uri, experiment_id, "resnet18", "frozen", 0, 0.7)
@@ -245,7 +270,7 @@ def test_the_current_runs_tag_moves_to_the_runs_each_evaluation_reads(tmp_path, 
 
     client = mlflow.MlflowClient(uri)
     current = client.search_runs([experiment_id], filter_string="tags.pipeline_current = 'true'")
-    assert {r.info.run_id for r in current} == {second, kept}
+    assert {r.info.run_id for r in current} == {second, kept, parent}
     assert "pipeline_current" not in client.get_run(first).data.tags
     assert "pipeline_current" not in client.get_run(unrelated).data.tags
     assert client.get_run(first).info.run_name == client.get_run(second).info.run_name  # both stay in the store
@@ -254,6 +279,17 @@ def test_the_current_runs_tag_moves_to_the_runs_each_evaluation_reads(tmp_path, 
 def test_evaluate_runs_without_runs_says_to_train(tmp_path):
     with pytest.raises(UserError, match="dvc repro train"):
         evaluate_runs(tmp_path / "models", tmp_path / "evaluation", EvaluateParams(), f"sqlite:///{tmp_path}/x.db")
+
+
+def test_a_run_the_store_lacks_is_named_with_the_fix(tmp_path, tracking):
+    uri, experiment_id = tracking
+    write_fake_run(tmp_path / "models", None, experiment_id, "resnet18", "scratch", 0, 0.7)  # not in the store
+
+    with pytest.raises(UserError) as error:
+        evaluate_runs(tmp_path / "models", tmp_path / "evaluation", EvaluateParams(bootstrap_samples=50), uri)
+    message = str(error.value)
+    assert f"run resnet18-scratch-s0 names MLflow run {'0' * 32}, which the tracking store '{uri}'" in message
+    assert "MLFLOW_TRACKING_URI" in message and "dvc repro train" in message
 
 
 def test_malformed_predictions_name_the_file(tmp_path):

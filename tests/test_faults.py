@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import make_split_project, tiny_params
+from conftest import interrupt_training_at_epoch, make_split_project, tiny_params
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
@@ -31,6 +31,7 @@ from PIL import Image
 from transfer_study import checkpoints, checksums, client, models, serve, tracking, train
 from transfer_study.config import UserError
 from transfer_study.cells import Cell
+from transfer_study.trainer import Trainer
 
 CLI = [sys.executable, "-m", "transfer_study.cli"]
 
@@ -205,44 +206,46 @@ def test_resume_logs_the_epochs_the_store_missed(tracking_uri, capsys):
     assert "logging epoch 3's metrics" in capsys.readouterr().err
 
 
+def test_a_run_that_cannot_be_continued_names_the_resume_folder_to_delete(tracking_uri, tmp_path):
+    spec = tracking.CellRun(experiment="transfer-study", run_name="resnet18-scratch-s0", params={"a": "1"}, tags={})
+    store = MlflowClient(tracking_uri)
+    deleted = store.create_run(tracking.ensure_experiment(tracking_uri, "transfer-study", None)).info.run_id
+    store.delete_run(deleted)
+    work = tmp_path / "checkpoints" / "resnet18-scratch-s0-0123456789ab"
+    for run_id in (deleted, "f" * 32):  # deleted from this store; never in it (another store's)
+        with pytest.raises(UserError) as error:
+            tracking.start_cell_run(tracking_uri, spec, run_id, work)
+        message = str(error.value)
+        assert f"cannot continue MLflow run {run_id} of '{work}' in {tracking_uri}" in message
+        assert f"delete '{work}' to train the cell again" in message
+        assert mlflow.active_run() is None
+    tracker, _ = tracking.start_cell_run(tracking_uri, spec, None, work)  # no resume: a new run
+    assert tracker.run_id != deleted and store.get_run(tracker.run_id).data.params == {"a": "1"}
+    tracker.finish()
+
+
 # --------------------------------------------------------------------------------------------
 # Checkpoints: checksums, corruption, full disk
 # --------------------------------------------------------------------------------------------
 
 
-def test_checkpoint_with_a_flipped_byte_is_reported_not_loaded(tmp_path):
-    path = tmp_path / "best.pt"
-    digest = checkpoints.atomic_save({"model": {"w": torch.arange(1000.0)}, "epoch": 3}, path)
-    assert checkpoints.checksum_path(path).read_text().split() == [digest, "best.pt"]
-    assert checkpoints.load_checkpoint(path)["epoch"] == 3
-    flip_byte(path)
-    with pytest.raises(UserError, match="checksum mismatch") as error:
-        checkpoints.load_checkpoint(path)
-    assert str(path) in str(error.value) and "corrupt" in str(error.value)
-
-
-def test_checkpoint_without_its_checksum_is_not_trusted(tmp_path):
-    path = tmp_path / "last.pt"
-    torch.save({"model": {}}, path)  # written by something other than atomic_save
-    with pytest.raises(UserError, match="no checksum file"):
-        checkpoints.load_checkpoint(path)
-
-
-def test_resume_state_and_best_checkpoint_are_verified_before_use(project_with_manifest, tracking_uri):
+def test_resume_state_and_best_checkpoint_are_verified_before_use(project_with_manifest, tracking_uri, monkeypatch):
     root = project_with_manifest
-    params = tiny_params(epochs=2)
-    cell = Cell("resnet18", "scratch", 0)
-    manifest = pd.read_csv(root / "data/split/manifest.csv")
-    work = checkpoints.WorkDir(root / checkpoints.CHECKPOINT_DIR / f"{cell.name}-{checkpoints.result_fingerprint(params, cell, manifest)}")
-    weights = {"model": models.build_model("resnet18", 3, pretrained=False).state_dict(), "epoch": 1}
-    state = {"epoch": 1, "best_epoch": 1, "best_sha256": None, "history": [], "run_id": None}
-    work.save_epoch(state, best_weights=weights)
-    assert state["best_sha256"] == checksums.file_sha256(work.best_file(1))
-    work.check_best(work.load_state())
+    params, cell = tiny_params(epochs=2), Cell("efficientnet_lite0", "scratch", 0)
+    original = interrupt_training_at_epoch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_cell(params, cell, root, tracking_uri)
+    monkeypatch.setattr(Trainer, "train_epoch", original)
+    (folder,) = (root / checkpoints.CHECKPOINT_DIR).glob(f"{cell.name}-*")  # what training wrote
+    work = checkpoints.WorkDir(folder)
+    state = work.load_state()
+    assert state["epoch"] == 1 and state["best_sha256"] == checksums.file_sha256(work.best_file(1))
 
     flip_byte(work.best_file(1))
     with pytest.raises(UserError, match="best-e1.pt' is corrupt: checksum mismatch"):
-        work.check_best(work.load_state())
+        train.train_cell(params, cell, root, tracking_uri)
+    assert mlflow.active_run() is None, "a refused resume left its MLflow run active in the process"
+    flip_byte(work.best_file(1))  # intact again: the resume state is what is damaged next
     flip_byte(work.state_file, offset=100)
     with pytest.raises(UserError, match="resume.pt' is corrupt: checksum mismatch"):
         train.train_cell(params, cell, root, tracking_uri)
@@ -313,7 +316,7 @@ def test_corrupt_model_artifact_fails_to_load_with_a_clear_message(tmp_path, tra
     mlflow.pyfunc.load_model(str(local))  # intact: loads
 
     flip_byte(weights)
-    with pytest.raises(Exception, match="corrupt: checksum mismatch") as error:
+    with pytest.raises(serve.CorruptModel, match="corrupt: checksum mismatch") as error:
         mlflow.pyfunc.load_model(str(local))
     assert "weights.pt" in str(error.value)
 
@@ -328,7 +331,7 @@ def _png_base64(size: int = 8) -> str:
                                    "http://example.com/shirt.png", "s3://bucket/key.png"])
 def test_pyfunc_refuses_paths_and_urls(value, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("fetched a URL"))
-    with pytest.raises(serve.BadRequest, match="row 0: .*(not valid base64|not a readable image)"):
+    with pytest.raises(serve.BadRequest, match="row 0: .*(not valid base64|not an image)"):
         serve.images_from_request(pd.DataFrame({"image": [value]}))
 
 
@@ -336,7 +339,7 @@ def test_pyfunc_refuses_the_path_of_a_real_image(tmp_path):
     path = tmp_path / "shirt.png"
     Image.new("RGB", (8, 8), (200, 30, 30)).save(path)
     assert len(serve.images_from_request(pd.DataFrame({"image": [client.encode_file(path)]}))) == 1
-    with pytest.raises(serve.BadRequest, match="not valid base64|not a readable image"):
+    with pytest.raises(serve.BadRequest, match="not valid base64|not an image"):
         serve.images_from_request(pd.DataFrame({"image": [str(path)]}))
 
 
@@ -443,18 +446,3 @@ def test_tracking_server_killed_and_restarted_mid_training(tmp_path):
 def test_local_artifacts_go_beside_the_sqlite_store(tmp_path):
     assert tracking.artifact_location_for(f"sqlite:///{tmp_path / 'mlflow.db'}") == (tmp_path / "mlartifacts").as_uri()
     assert tracking.artifact_location_for("http://127.0.0.1:5000") is None  # the server decides
-
-
-def test_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
-    """Four processes creating the same experiment in a brand-new SQLite store: none fails."""
-    import subprocess
-    import sys
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    code = ("import sys; from transfer_study import tracking; "
-            "print(tracking.ensure_experiment(sys.argv[1], 'race', None))")
-    procs = [subprocess.Popen([sys.executable, "-c", code, uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(4)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
-    assert len({out.strip() for out, _ in outs}) == 1

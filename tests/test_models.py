@@ -16,7 +16,7 @@ from transfer_study import models
 from transfer_study.config import ConfigError, UserError
 
 CATEGORIES = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
-SMALL_SIZE = {"resnet18": 64, "vgg19": 64, "inception_v3": 75, "efficientnet_lite0": 64}
+SMALL_SIZE = {"resnet18": 64, "vgg19": 64, "inception_v3": 75, "efficientnet_lite0": 64, "small_cnn": 28}
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def save_fake_imagenet_resnet18(folder) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "vgg19", "inception_v3", "efficientnet_lite0"])
+@pytest.mark.parametrize("arch", ["resnet18", "vgg19", "inception_v3", "efficientnet_lite0", "small_cnn"])
 def test_each_architecture_gives_six_logits(arch):
     model = models.build_model(arch, 6, pretrained=False).eval()
     size = SMALL_SIZE[arch]
@@ -122,6 +122,38 @@ def test_restore_model_round_trips_inception_with_aux():
     restored = models.restore_model("inception_v3", 6, model.state_dict())
     assert restored.aux_head is not None and not restored.training
     assert torch.equal(restored.head.weight, model.head.weight)
+
+
+@pytest.mark.parametrize("size", [16, 28, 45, 96])
+def test_small_cnn_takes_any_size_from_16_px_and_has_about_0_1_m_parameters(size):
+    model = models.build_model("small_cnn", 6, pretrained=False).eval()
+    assert 80_000 < sum(p.numel() for p in model.parameters()) < 120_000
+    models.check_input_size("small_cnn", size)
+    with torch.no_grad():
+        assert model.forward_features(torch.randn(2, 3, size, size)).shape == (2, models.FEATURE_DIMS["small_cnn"])
+
+
+def test_small_cnn_below_16_px_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.image_size.small_cnn"):
+        models.check_input_size("small_cnn", 15)
+
+
+def test_small_cnn_has_no_weights_and_never_fetches_any(torch_home, monkeypatch):
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried to download"))
+    for attempt in (lambda: models.build_for_condition("small_cnn", 6, "frozen"),
+                    lambda: models.resolve_weights("small_cnn", None),
+                    lambda: models.fetch_weights(["small_cnn"], None)):
+        with pytest.raises(UserError, match="small_cnn has no pretrained weights.*small_cnn-frozen"):
+            attempt()
+
+
+def test_restore_model_round_trips_small_cnn_with_batchnorm_statistics():
+    model = models.build_model("small_cnn", 6, pretrained=False)
+    model.train()(torch.randn(4, 3, 28, 28))  # moves the running statistics off their initial values
+    restored = models.restore_model("small_cnn", 6, model.state_dict())
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(restored(x), model.eval()(x))
 
 
 # --------------------------------------------------------------------------------------------

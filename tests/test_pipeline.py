@@ -46,13 +46,24 @@ def _env(root: Path) -> dict:
     return env
 
 
-def _tiny_params(root: Path) -> None:
-    params = yaml.safe_load((root / "params.yaml").read_text())
+def _tiny_params(root: Path, name: str = "params.yaml") -> None:
+    """One run (Lite0 frozen, seed 0, one split at full size), 1 epoch at 32 px, 6 images a class."""
+    params = yaml.safe_load((root / name).read_text())
     params["data"]["per_class"] = 6
-    params["train"].update(architectures=["efficientnet_lite0"], conditions=["frozen"], epochs=1,
-                           image_size={"resnet18": 32, "vgg19": 32, "inception_v3": 75, "efficientnet_lite0": 32})
+    # small_cnn-frozen is in train.exclude (params.yaml's and params.quick.yaml's): its matrix stage
+    # must still leave its out.
+    params["train"].update(architectures=["efficientnet_lite0", "small_cnn"], conditions=["frozen"], epochs=1,
+                           exclude=["small_cnn-frozen"], seeds=[0],
+                           image_size={"resnet18": 32, "vgg19": 32, "inception_v3": 75, "efficientnet_lite0": 32,
+                                       "small_cnn": 28})
+    params["split"].update(repeats=1, train_fractions=[1.0])
     params["evaluate"]["bootstrap_samples"] = 200
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / name).write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _commit(root: Path, message: str) -> None:
+    _run(["git", "add", "-A"], root)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], root)
 
 
 @pytest.mark.slow
@@ -70,11 +81,12 @@ def test_dvc_repro_runs_every_stage_then_is_clean(tmp_path):
     assert (root / "data/split/manifest.csv").is_file()
     run = json.loads((root / "models/efficientnet_lite0-frozen/s0/run.json").read_text())
     assert run["architecture"] == "efficientnet_lite0"
+    assert (root / "models/small_cnn-frozen/EXCLUDED").is_file(), "the excluded cell's stage left no out"
     assert (root / "evaluation/metrics.json").is_file() and (root / "reports/table1.md").is_file()
     champion = json.loads((root / "registry/champion.json").read_text())
     assert champion["run_id"] == run["run_id"]
     assert (root / "mlflow.db").is_file(), "runs were not recorded in the project's SQLite store"
-    status = _run([str(BIN / "dvc"), "status"], root, env)
+    status = _run([str(BIN / "dvc"), "status", "dvc.yaml"], root, env)  # the quick profile's has not run
     assert "up to date" in status.stdout, status.stdout
 
     metrics = _run([str(BIN / "dvc"), "metrics", "show"], root, env)
@@ -117,14 +129,118 @@ def test_fetch_matches_the_committed_data_dvc(tmp_path):
 
 
 @pytest.mark.slow
-def test_mlflow_run_executes_an_mlproject_entry_point(tmp_path):
-    """`mlflow run . -e <entry> --env-manager local` runs a stage through MLproject."""
+def test_mlflow_run_main_runs_the_pipeline_and_records_it_in_the_store(tmp_path):
+    """`mlflow run . -e main --env-manager local`: MLproject's main runs every stage (tiny params);
+    the cell's run lands in the study's experiment, apart from `mlflow run`'s own run."""
+    from mlflow.tracking import MlflowClient
+
     if not FMNIST_DIR.is_dir():
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
     root = copy_repo(tmp_path / "repo")
     _tiny_params(root)
-    env = _env(root) | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'projects.db'}"}
-    for entry in ("fetch", "validate"):
-        _run([str(BIN / "mlflow"), "run", ".", "-e", entry, "--env-manager", "local"], root, env)
+    uri = f"sqlite:///{tmp_path / 'projects.db'}"
+    _run([str(BIN / "mlflow"), "run", ".", "-e", "main", "--env-manager", "local"], root,
+         _env(root) | {"MLFLOW_TRACKING_URI": uri})
     summary = json.loads((root / "data/validation.json").read_text())
     assert summary["total_images"] == 36 and summary["passed"] is True
+
+    client = MlflowClient(uri)
+    (project_run,) = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
+    assert project_run.data.tags["mlflow.project.entryPoint"] == "main" and project_run.info.status == "FINISHED"
+    (cell_run,) = client.search_runs([client.get_experiment_by_name("transfer-study").experiment_id])
+    assert cell_run.info.run_name == "efficientnet_lite0-frozen-s0" and cell_run.info.status == "FINISHED"
+    assert cell_run.info.run_id != project_run.info.run_id
+    assert {"val_acc", "best_val_acc", "test_accuracy"} <= set(cell_run.data.metrics)  # train and evaluate
+    run_info = json.loads((root / "models/efficientnet_lite0-frozen/s0/run.json").read_text())
+    assert run_info["run_id"] == cell_run.info.run_id
+    assert run_info["experiment_id"] == cell_run.info.experiment_id
+    champion = client.get_model_version_by_alias("clothing-classifier", "champion")
+    assert champion.run_id == cell_run.info.run_id
+
+OWN_DATA_FENCE = "```bash own-data\n"
+
+
+def readme_own_data_script() -> str:
+    """The shell block under README's "Your own images": the steps a user runs, as CI runs them."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert readme.count(OWN_DATA_FENCE) == 1, "README needs exactly one ```bash own-data block"
+    section = readme[readme.index("## Your own images"):]
+    start = section.index(OWN_DATA_FENCE) + len(OWN_DATA_FENCE)
+    return section[start:section.index("\n```", start)]
+
+
+def _own_photos(folder: Path, per_class: int = 8) -> Path:
+    """A tiny photo set a user might have: a coloured shape on a plain background, PNG and JPEG."""
+    from PIL import Image, ImageDraw
+
+    shapes = {"circles": (200, 40, 40), "squares": (40, 150, 60), "triangles": (40, 70, 200)}
+    for k, (name, colour) in enumerate(shapes.items()):
+        (folder / name).mkdir(parents=True)
+        for n in range(per_class):
+            image = Image.new("RGB", (64, 48), (235, 232, 225))
+            x, y, r = 16 + (5 * n + k) % 32, 14 + (3 * n) % 20, 8 + n % 4
+            draw = ImageDraw.Draw(image)
+            if name == "circles":
+                draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+            elif name == "squares":
+                draw.rectangle([x - r, y - r, x + r, y + r], fill=colour)
+            else:
+                draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=colour)
+            image.save(folder / name / f"{name[:-1]}{n}.{'jpg' if n % 2 else 'png'}")
+    return folder
+
+
+@pytest.mark.slow
+def test_readme_own_data_steps_then_the_quick_profile_runs_nothing_twice(tmp_path):
+    """README's own-data block, run as written on a tiny photo set, registers the user's model under
+    the user's name; the quick profile is a DVC pipeline, so running it again runs no stage and
+    registers no new version."""
+    from mlflow import MlflowClient
+
+    root = copy_repo(tmp_path / "repo")
+    _tiny_params(root, "params.quick.yaml")  # one run, and an excluded cell
+    _commit(root, "tiny quick profile")
+    (root / ".venv" / "bin").mkdir(parents=True)  # the block activates .venv: this test's environment
+    (root / ".venv" / "bin" / "activate").write_text(f'export PATH="{BIN}:$PATH"\n')
+    env = _env(root) | {"PHOTOS": str(_own_photos(tmp_path / "my-photos")), "GIT_AUTHOR_NAME": "t",
+                        "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    result = _run(["bash", "-e", "-o", "pipefail", "-c", readme_own_data_script()], root, env)
+    log = result.stdout + result.stderr
+
+    assert "24 images in 3 classes, 0 excluded" in log
+    assert "small_cnn-frozen is listed in train.exclude" in log
+    assert "Table 1 — your data" in log
+    run = json.loads((root / "outputs/quick/models/efficientnet_lite0-frozen/s0/run.json").read_text())
+    assert (root / "outputs/quick/models/small_cnn-frozen/EXCLUDED").is_file()
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    assert client.get_model_version_by_alias("my-photos-quick", "champion").run_id == run["run_id"]
+    assert client.get_experiment_by_name("my-photos-quick") is not None
+    assert not client.search_registered_models("name = 'clothing-classifier-quick'")
+    committed = _run(["git", "status", "--porcelain", "data.dvc", "params.quick.yaml", "profiles/quick/dvc.lock"],
+                     root, env)
+    assert committed.stdout == "", committed.stdout
+
+    # `make quick` again: DVC runs no stage, and re-registering an unchanged model adds no version.
+    again = _run([str(BIN / "dvc"), "repro", "profiles/quick/dvc.yaml"], root, env)
+    assert "Running stage" not in again.stdout + again.stderr, again.stdout
+    status = _run([str(BIN / "dvc"), "status", "profiles/quick/dvc.yaml"], root, env)
+    assert "up to date" in status.stdout, status.stdout
+    _run([str(BIN / "dvc"), "repro", "--force", "--single-item", "profiles/quick/dvc.yaml:register"], root, env)
+    assert len(client.search_model_versions("name = 'my-photos-quick'")) == 1
+    shown = _run([str(BIN / "dvc"), "exp", "show", "--json"], root, env)
+    assert "outputs/quick/evaluation/metrics.json" in shown.stdout
+
+
+def test_the_quick_pipeline_tracks_what_the_study_pipeline_tracks():
+    """profiles/quick/dvc.yaml repeats dvc.yaml's train/evaluate/report/register stages for the quick
+    profile: the same code deps and the same params, so neither reruns less than it should."""
+    study = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    quick = yaml.safe_load((REPO_ROOT / "profiles/quick/dvc.yaml").read_text())["stages"]
+    for name, stage in quick.items():
+        assert stage["wdir"] == "../..", name
+        assert stage["cmd"].startswith("transfer-study --params params.quick.yaml "), name
+        assert stage["cmd"].split("params.quick.yaml ", 1)[1] == study[name]["cmd"].removeprefix("transfer-study "), name
+        code = [d for d in stage["deps"] if d.startswith("src/")]
+        assert code == [d for d in study[name]["deps"] if d.startswith("src/")], name
+        assert stage["params"] == [{"params.quick.yaml": study[name]["params"]}], name
+    assert set(quick) == set(study) - {"validate", "preprocess"}  # each profile splits its own way

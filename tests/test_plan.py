@@ -49,6 +49,12 @@ def test_a_frozen_cell_steps_at_the_forward_pass_rate_and_caches_features_withou
     assert cached.total_s == pytest.approx(3 * 20 * 0.01 + (100 + 140) * 0.01)
 
 
+def test_a_learning_curve_cell_trains_on_its_share_of_the_images():
+    t = TrainParams(epochs=1, batch_size=32, image_size={"resnet18": 64})
+    e = plan.estimate_cell(Cell("resnet18", "scratch", 0, fraction=0.25), t, SIZES, TIMING)
+    assert e.epoch_s == pytest.approx(1 * 2.0 + 20 * 0.01)  # 25 images: one step
+
+
 def test_max_batches_per_epoch_caps_the_steps():
     t = TrainParams(epochs=1, batch_size=32, image_size={"resnet18": 64}, max_batches_per_epoch=1)
     e = plan.estimate_cell(Cell("resnet18", "scratch", 0), t, SIZES, TIMING)
@@ -189,11 +195,11 @@ def test_present_weights_are_found_without_asking_the_network(use_torch_home):
     assert status.path == use_torch_home / "hub" / "checkpoints" / models.weights_file("resnet18")
 
 
-def test_skip_data_without_a_manifest_says_what_to_run(tmp_path):
+def test_skip_data_without_crops_says_what_to_run(tmp_path):
     params = tiny_params()
     state = plan.read_data_state(params, tmp_path)
     assert plan.planned_sizes(state, params)[0].total == 1800  # the default dataset's size, from params
-    with pytest.raises(UserError, match="dvc repro split"):
+    with pytest.raises(UserError, match="dvc repro preprocess"):
         plan.data_lines(state, params, skip_data=True)
     assert any("split stage builds it" in line for line in plan.data_lines(state, params, skip_data=False))
 

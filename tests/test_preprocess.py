@@ -120,17 +120,30 @@ def test_crop_box_cam_takes_the_largest_hot_region():
     assert pp.crop_box_cam(np.zeros((7, 7)), 100, 50, 0.5, 0.0) is None
 
 
-def test_cam_cropper_uses_real_lite0_weights_and_boxes_inside_the_image():
+def test_cam_cropper_uses_real_lite0_weights_and_its_box_follows_the_object():
     cropper = pp.make_cropper(PreprocessParams(cropper="cam"))
     classes = sorted(pp_models().IMAGENET_GARMENT_CLASSES)
     real = pp_models().load_state_dict(pp_models().resolve_weights("efficientnet_lite0", None), "efficientnet_lite0")
     assert np.array_equal(cropper.class_weights.numpy(), real["_fc.weight"][classes].numpy())
-    rgb = np.full((180, 240, 3), 235, np.uint8)
-    rgb[40:160, 80:170] = (40, 40, 90)
-    (box,) = cropper.boxes([rgb])
-    assert box is not None
-    x0, y0, x1, y1 = box
-    assert 0 <= x0 < x1 <= 240 and 0 <= y0 < y1 <= 180
+    # A dark object top left, then bottom right, on a light 240x180 image. The CAM is coarse (7x7),
+    # so its box is loose; but it must hold the object's centre, overlap the object clearly more than
+    # the whole image does, and move with it.
+    objects = [(10, 20, 90, 100), (150, 90, 230, 170)]
+    boxes = []
+    for x0, y0, x1, y1 in objects:
+        rgb = np.full((180, 240, 3), 235, np.uint8)
+        rgb[y0:y1, x0:x1] = (40, 40, 90)
+        (box,) = cropper.boxes([rgb])
+        boxes.append(box)
+        assert box[0] <= (x0 + x1) / 2 <= box[2] and box[1] <= (y0 + y1) / 2 <= box[3], box
+        assert pp.box_iou(box, (x0, y0, x1, y1)) > 1.5 * pp.box_iou((0, 0, 240, 180), (x0, y0, x1, y1)), box
+
+    def centre(box):
+        return np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
+
+    for own, other in ((0, 1), (1, 0)):
+        distance = np.linalg.norm(centre(boxes[own]) - centre(objects[own]))
+        assert distance < np.linalg.norm(centre(boxes[own]) - centre(objects[other])), boxes
 
 
 def pp_models():
@@ -302,3 +315,19 @@ def test_cropper_iou_on_pasted_fashion_mnist_garments(garments):
     assert table["none"]["dark"] < 0.5  # the scenes really need cropping
     for kind in BACKGROUNDS:
         assert table["cam"][kind] > table["none"][kind]  # the CAM points at the garment, however coarsely
+
+
+def test_the_crops_record_how_they_were_made(tmp_path):
+    """preprocess.json beside the crops is what training and serving take their settings from."""
+    raw = tmp_path / "raw" / "coat"
+    raw.mkdir(parents=True)
+    Image.new("RGB", (40, 30), (10, 10, 10)).save(raw / "a.png")
+    params = PreprocessParams(cropper="none", size=32)
+    pp.preprocess_dataset(tmp_path / "raw", tmp_path / "cropped", params)
+    assert pp.read_crop_record(tmp_path / "cropped") == params
+    assert pp.check_crops_match(tmp_path / "cropped", params) == params
+    with pytest.raises(UserError, match="size: crops 32, profile 64"):
+        pp.check_crops_match(tmp_path / "cropped", PreprocessParams(cropper="none", size=64))
+    (tmp_path / "cropped" / pp.CROP_RECORD).unlink()
+    with pytest.raises(UserError, match="does not say how the crops"):
+        pp.read_crop_record(tmp_path / "cropped")

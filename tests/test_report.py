@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
+from transfer_study.cli import main
 from transfer_study.config import EvaluateParams, UserError
 from transfer_study.evaluate import evaluate_runs, mcnemar
-from transfer_study.report import RunTestSet, pooled_interval, write_report
+from transfer_study.report import (RunTestSet, figure1, pooled_interval, read_runs_table, read_study_table,
+                                   read_test_sets, summarise_cells, write_report)
 
 STUDY_TABLE = Path(__file__).resolve().parents[1] / "references" / "study_table1.csv"
 CLASSES = ["t-shirt_top", "trouser", "pullover", "dress", "coat", "shirt"]
@@ -64,7 +68,9 @@ def report(tmp_path_factory):
             "run_id": run.info.run_id, "architecture": arch, "condition": condition, "seed": seed,
             "class_names": CLASSES, "model_uri": f"runs:/{run.info.run_id}/model"}))
     evaluate_runs(root / "models", root / "evaluation", PARAMS, uri)
-    write_report(root / "evaluation", root / "models", root / "reports", STUDY_TABLE, PARAMS)
+    write_report(root / "evaluation", root / "models", root / "reports", STUDY_TABLE, PARAMS, is_study_data=True)
+    write_report(root / "evaluation", root / "models", root / "reports-yours", STUDY_TABLE, PARAMS,
+                 is_study_data=False)
     return root
 
 
@@ -118,8 +124,65 @@ def test_comparison_maps_conditions_and_marks_missing_cells(report):
     assert "| 0.8333 | — |" in inception  # study accuracy, our cell missing
 
 
-def test_figure1_is_a_png(report):
-    assert (report / "reports" / "figure1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_figure1_draws_a_bar_per_condition_and_the_studys_marks(report):
+    from PIL import Image
+
+    with Image.open(report / "reports" / "figure1.png") as image:
+        assert image.size == (768, 540)  # (2 + 2.2 per architecture) x 4.5 inches at 120 dpi
+        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+    colours, counts = np.unique(pixels, axis=0, return_counts=True)
+    drawn = {tuple(c): n for c, n in zip(colours.tolist(), counts)}
+    # matplotlib's first three colours: scratch, frozen, finetune bars (solid, thousands of pixels)
+    for condition, colour in (("scratch", (31, 119, 180)), ("frozen", (255, 127, 14)), ("finetune", (44, 160, 44))):
+        assert drawn.get(colour, 0) > 1000, f"no {condition} bars"
+    assert drawn.get((255, 0, 0), 0) > 20, "no study markers"
+
+
+def test_report_on_your_data_compares_nothing_with_the_study(report):
+    study_md, yours_md = ((report / d / "table1.md").read_text() for d in ("reports", "reports-yours"))
+    assert study_md.startswith("# Table 1 (reproduced):") and "The study's smallest gap" in study_md
+    assert yours_md.startswith("# Table 1 \u2014 your data:") and "reproduced" not in yours_md
+    assert "study" not in yours_md.lower()
+    pd.testing.assert_frame_equal(pd.read_csv(report / "reports" / "table1.csv"),
+                                  pd.read_csv(report / "reports-yours" / "table1.csv"))  # same numbers
+
+    comparison = (report / "reports-yours" / "comparison.md").read_text()
+    assert "applies only to the study's dataset" in comparison and "your data" in comparison
+    assert "|" not in comparison and "dvc commit" not in comparison  # no table; data.dvc is not stale
+    assert not (report / "reports-yours" / "comparison.csv").exists()
+
+
+def figure_parts(report, study) -> tuple[int, list[str], str]:
+    """Figure 1 drawn from the fixture's runs: (red x markers, legend labels, title)."""
+    runs = read_runs_table(report / "evaluation")
+    test_sets = read_test_sets(runs, report / "models")
+    table = summarise_cells(runs, test_sets, EvaluateParams(bootstrap_samples=50))
+    ax = figure1(table, test_sets, runs, study, 0.95).axes[0]
+    markers = sum(len(line.get_xdata()) for line in ax.get_lines() if line.get_marker() == "x")
+    return markers, [t.get_text() for t in ax.get_legend().get_texts()], ax.get_title()
+
+
+def test_figure1_marks_the_study_only_on_its_data(report):
+    markers, legend, title = figure_parts(report, read_study_table(STUDY_TABLE))
+    assert markers == 4 and "study (one run)" in legend  # resnet18 and vgg19, scratch and frozen
+    markers, legend, title = figure_parts(report, None)
+    assert markers == 0 and not [t for t in legend if "study" in t] and "your data" in title
+
+
+def test_stale_data_dvc_does_not_bring_the_study_in(report, tmp_path):
+    """data.dvc still at the default version, runs trained on other classes: your data, and why."""
+    shutil.copytree(report / "models", tmp_path / "models")
+    for run_json in (tmp_path / "models").glob("*/s*/run.json"):
+        info = json.loads(run_json.read_text())
+        run_json.write_text(json.dumps({**info, "class_names": ["temple", "flower", "a", "b", "c", "d"]}))
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "comparison.csv").write_text("left by an earlier report\n")
+    write_report(report / "evaluation", tmp_path / "models", tmp_path / "reports", STUDY_TABLE, PARAMS,
+                 is_study_data=True)
+    comparison = (tmp_path / "reports" / "comparison.md").read_text()
+    assert "temple" in comparison and "`dvc commit --force data.dvc`" in comparison and "|" not in comparison
+    assert "your data" in (tmp_path / "reports" / "table1.md").read_text().splitlines()[0]
+    assert not (tmp_path / "reports" / "comparison.csv").exists()
 
 
 def test_mcnemar_pairs_scratch_with_each_pretrained_condition_per_seed(report):
@@ -148,10 +211,31 @@ def test_pooled_interval_covers_the_seed_spread():
 
 def test_missing_study_table_is_a_user_error(report, tmp_path):
     with pytest.raises(UserError, match="study table"):
-        write_report(report / "evaluation", report / "models", tmp_path, tmp_path / "nope.csv", PARAMS)
+        write_report(report / "evaluation", report / "models", tmp_path, tmp_path / "nope.csv", PARAMS,
+                     is_study_data=True)
 
 
 def test_missing_evaluation_says_to_evaluate(tmp_path):
     shutil.rmtree(tmp_path, ignore_errors=True)
     with pytest.raises(UserError, match="dvc repro evaluate"):
-        write_report(tmp_path / "evaluation", tmp_path / "models", tmp_path / "reports", STUDY_TABLE, PARAMS)
+        write_report(tmp_path / "evaluation", tmp_path / "models", tmp_path / "reports", STUDY_TABLE, PARAMS,
+                     is_study_data=True)
+
+
+@pytest.mark.parametrize("data_dvc, title", [(True, "# Table 1 (reproduced):"), (False, "# Table 1 \u2014 your data:")])
+def test_cli_report_compares_with_the_study_when_data_dvc_records_its_data(report, tmp_path, monkeypatch,
+                                                                            data_dvc, title):
+    repo = STUDY_TABLE.parents[1]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["evaluate"]["bootstrap_samples"] = 100  # fast: the numbers are not what this test checks
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copytree(repo / "references", tmp_path / "references")
+    for folder in ("evaluation", "models"):
+        (tmp_path / folder).symlink_to(report / folder)
+    if data_dvc:
+        shutil.copy(repo / "data.dvc", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["transfer-study", "report"])
+    main()
+    assert (tmp_path / "reports" / "table1.md").read_text().startswith(title)
+    assert (tmp_path / "reports" / "comparison.csv").exists() == data_dvc

@@ -19,11 +19,13 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from conftest import tiny_params
+from conftest import make_raw_project, tiny_params
 from PIL import Image, ImageDraw
 
 from transfer_study import client
 from transfer_study.cells import Cell
+from transfer_study.config import PreprocessParams
+from transfer_study.preprocess import write_crop_record
 from transfer_study.train import train_cell
 
 COLOURS = {"blue": (30, 60, 200), "red": (210, 30, 30)}
@@ -51,6 +53,7 @@ def _make_colour_project(root: Path, per_class: int = 8) -> None:
                          "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
     (root / "data" / "split").mkdir(parents=True)
     pd.DataFrame(rows).to_csv(root / "data" / "split" / "manifest.csv", index=False)
+    write_crop_record(root / "data" / "cropped", PreprocessParams(size=80), {"written": len(rows)})
 
 
 def _png_b64(img: Image.Image) -> str:
@@ -84,16 +87,73 @@ def test_pyfunc_classifies_raw_images_in_process(trained_model):
     assert set(answer.columns) == {"label", "prob_blue", "prob_red"}
 
 
-def test_bad_inputs_raise_a_clear_error_in_process(trained_model):
+@pytest.fixture(scope="module")
+def refused() -> dict[str, tuple[list[str], str]]:
+    """Requests that MLflow's schema accepts (strings in column 'image') but the pyfunc's own checks
+    (serve.images_from_request, decode_image) refuse: name -> (images, start of the project's message)."""
+    huge = io.BytesIO()
+    Image.new("L", (7100, 7100)).save(huge, format="PNG")  # 50 megapixels, a few hundred KB compressed
+    good = _png_b64(_garment("red", 0))
+    return {
+        "not base64": (["@@@ not base64 @@@"], "row 0: 'image' is not valid base64"),
+        "empty": ([""], "row 0: 'image' must be a non-empty base64 string"),
+        "not an image": ([base64.b64encode(b"hello world").decode()], "row 0: the data is not a readable image"),
+        "second row": ([good, "@@@"], "row 1: 'image' is not valid base64"),
+        "50 megapixels": ([base64.b64encode(huge.getvalue()).decode()],
+                          "row 0: the data is 7100x7100 pixels, more than the limit of 40000000"),
+        "40 M characters": (["A" * 40_000_001],
+                            "row 0: the encoded image is 40,000,001 characters; the limit is 40,000,000"),
+        # each under the 40 M per-image cap; together over the 64 M request cap (serve.py's constants)
+        "66 M characters": (["A" * 33_000_000] * 2,
+                            "the request's images are 66,000,000 base64 characters together; the limit is 64,000,000"),
+    }
+
+
+def test_the_pyfuncs_own_checks_refuse_what_the_schema_lets_through(trained_model, refused):
     from mlflow.exceptions import MlflowException
 
     uri, model_uri = trained_model
     mlflow.set_tracking_uri(uri)
-    model = mlflow.pyfunc.load_model(model_uri)
-    with pytest.raises(MlflowException, match="not valid base64"):
-        model.predict(pd.DataFrame({"image": ["%%% not base64 %%%"]}))
-    with pytest.raises(MlflowException, match="image"):
-        model.predict(pd.DataFrame({"image": [base64.b64encode(b"plain text, not an image").decode()]}))
+    model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()  # no MLflow schema check in front
+    assert list(model.predict(None, pd.DataFrame({"image": [_png_b64(_garment("blue", 1))]}))["label"]) == ["blue"]
+    cases = dict(refused) | {"no image column": (None, "the request needs a column named 'image'; got ['picture']")}
+    for name, (images, message) in cases.items():
+        frame = pd.DataFrame({"image": images} if images else {"picture": ["x"]})
+        with pytest.raises(MlflowException) as error:
+            model.predict(None, frame)
+        assert error.value.message.startswith(message), name
+        assert error.value.error_code == "INVALID_PARAMETER_VALUE", name  # served as HTTP 400
+
+
+def test_served_small_cnn_sees_what_training_saw(tmp_path, tracking_uri):
+    """Raw 28 px garments through preprocess, split and training at 28 px; the served model, given the
+    raw files, resizes them to 28 px as training did and returns predictions.csv's probabilities."""
+    import numpy as np
+
+    from transfer_study.client import encode_file
+    from transfer_study.config import SplitParams
+    from transfer_study.preprocess import preprocess_dataset
+    from transfer_study.split import write_manifest
+
+    params = tiny_params(epochs=1)
+    raw = make_raw_project(tmp_path)
+    preprocess_dataset(raw, tmp_path / "data" / "cropped", params.preprocess)
+    write_manifest(tmp_path / "data" / "cropped", tmp_path / params.paths.manifest, SplitParams())
+    run_dir = train_cell(params, Cell("small_cnn", "scratch", 0), tmp_path, tracking_uri)
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["image_size"] == 28
+
+    predictions = pd.read_csv(run_dir / "predictions.csv")
+    raw_files = sorted(raw.glob("*/*.png"))
+    answer = mlflow.pyfunc.load_model(info["model_uri"]).predict(
+        pd.DataFrame({"image": [encode_file(f) for f in raw_files]}))
+    for file, (_, served) in zip(raw_files, answer.iterrows()):
+        trained = predictions[predictions["path"].str.endswith(f"{file.parent.name}/{file.stem}.png")]
+        assert len(trained) == 1, file
+        expected = trained[[f"prob_{k}" for k in range(len(info["class_names"]))]].to_numpy()[0]
+        np.testing.assert_allclose(served[[f"prob_{n}" for n in info["class_names"]]].to_numpy(float), expected,
+                                   atol=1e-5, err_msg=str(file))
+    assert len(raw_files) == len(predictions) == 18
 
 
 def _free_port() -> int:
@@ -145,7 +205,7 @@ def _good_request() -> bytes:
 
 
 @pytest.mark.slow
-def test_real_server_answers_and_survives_bad_requests(server, tmp_path):
+def test_real_server_answers_and_survives_bad_requests(server, refused, tmp_path):
     invocations = server + "/invocations"
     status, answer = _post(invocations, _good_request())
     assert status == 200 and answer["predictions"][0]["label"] == "red"
@@ -153,20 +213,16 @@ def test_real_server_answers_and_survives_bad_requests(server, tmp_path):
     status, answer = _post(invocations, json.dumps({"inputs": [_png_b64(_garment("blue", 1))]}).encode())
     assert status == 200 and answer["predictions"][0]["label"] == "blue"
 
-    huge = io.BytesIO()
-    Image.new("L", (7100, 7100)).save(huge, format="PNG")  # 50 megapixels, a few hundred KB compressed
-    bad_requests = {
-        "not base64": {"dataframe_split": {"columns": ["image"], "data": [["@@@ not base64 @@@"]]}},
-        "not an image": {"dataframe_split": {"columns": ["image"],
-                                             "data": [[base64.b64encode(b"hello world").decode()]]}},
-        "wrong column": {"dataframe_split": {"columns": ["picture"], "data": [[_png_b64(_garment("red", 0))]]}},
-        "50 megapixels": {"inputs": [base64.b64encode(huge.getvalue()).decode()]},
-    }
-    for name, body in bad_requests.items():
+    for name, (images, message) in refused.items():
+        body = {"dataframe_split": {"columns": ["image"], "data": [[image] for image in images]}}
         status, answer = _post(invocations, json.dumps(body).encode())
-        assert 400 <= status < 500, f"{name}: status {status}"
+        assert status == 400, f"{name}: status {status}"
+        assert f"Error: {message}" in answer.get("message", ""), f"{name}: not the pyfunc's refusal"
         assert "Traceback" not in json.dumps(answer), f"{name}: traceback in the answer"
-        assert answer.get("message"), f"{name}: no message"
+    # MLflow's schema check, before the pyfunc: a wrong column
+    wrong_column = {"dataframe_split": {"columns": ["picture"], "data": [[_png_b64(_garment("red", 0))]]}}
+    status, answer = _post(invocations, json.dumps(wrong_column).encode())
+    assert 400 <= status < 500 and answer.get("message") and "Traceback" not in json.dumps(answer)
     status, _ = _post(invocations, b"")
     assert 400 <= status < 500, f"empty body: status {status}"
 
@@ -177,6 +233,36 @@ def test_real_server_answers_and_survives_bad_requests(server, tmp_path):
     _garment("red", 3).save(image)
     frame = client.predict_images(server, [image])
     assert frame["label"].tolist() == ["red"]
+
+
+@pytest.mark.slow
+def test_predict_names_the_file_the_server_refused(server, tmp_path, monkeypatch):
+    """A text file and a cut-short PNG: refused before sending, naming the file; and, when sent anyway,
+    the server's "row 1: ..." comes back naming the file, without MLflow's dump of the request."""
+    from transfer_study.config import UserError
+
+    good, text, broken = tmp_path / "red.png", tmp_path / "notes.png", tmp_path / "cut.png"
+    _garment("red", 1).save(good)
+    text.write_text("a shopping list, not a photo")
+    broken.write_bytes(good.read_bytes()[:100])
+    for bad, why in ((text, "is not an image (PNG, JPEG or WebP) Pillow can read"), (broken, "is corrupt or truncated")):
+        with pytest.raises(UserError) as checked:
+            client.predict_images(server, [good, bad])
+        assert str(checked.value).startswith(f"'{bad}' {why}")
+        with monkeypatch.context() as unchecked:
+            unchecked.setattr(client, "check_images", lambda images: None)
+            with pytest.raises(UserError) as refused:
+                client.predict_images(server, [good, bad])
+        message = str(refused.value)
+        assert message.startswith(f"the server at {server} refused '{bad}' (400): the file {why}"), message
+        assert "Failed to predict" not in message and "iVBOR" not in message and "row 1" not in message
+
+
+def test_importing_the_model_prints_no_warning():
+    """Training, serving and loading import serve.py; MLflow's type-hint advice does not apply to it."""
+    result = subprocess.run([sys.executable, "-W", "default", "-c", "import transfer_study.serve"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr == ""
 
 
 def test_predict_client_reports_an_unreachable_server(tmp_path):

@@ -11,7 +11,17 @@ import pytest
 from PIL import Image
 
 from transfer_study.config import SplitParams, UserError
-from transfer_study.split import EXCLUDED, split_sizes, stratified_split, write_manifest
+from transfer_study.split import (
+    EXCLUDED,
+    manifest_frame,
+    rows_for,
+    split_sizes,
+    stratified_split,
+    subset_size,
+    train_images_per_class,
+    train_ranks,
+    write_manifest,
+)
 
 PARAMS = SplitParams()
 
@@ -171,3 +181,115 @@ def test_split_frame_assignment_covers_every_row():
     result = stratified_split(make_items({"a": 7, "b": 9}), PARAMS)
     assert result["split"].notna().all()
     assert np.isin(result["split"], ["train", "val", "test"]).all()
+
+
+# --------------------------------------------------------------------------------------------
+# repeats and learning-curve subsets
+# --------------------------------------------------------------------------------------------
+
+CURVE = SplitParams(repeats=3, train_fractions=(0.1, 0.5, 1.0))
+
+
+def test_repeat_zero_is_the_split_this_seed_has_always_given():
+    # Pinned from the single-split code before repeats existed: the study profile's manifest must not change.
+    result = stratified_split(make_items({"a": 40, "b": 25, "c": 9}), SplitParams(seed=3))
+    code = "".join(result["split"].map({"train": "r", "val": "v", "test": "e"}))
+    assert code == "rrrrevevvevrrrerrrrrvrrrverrrrrrrrrrrrreeerrrrvvrrrrrreerrrrvrrrvvrerrrrrr"
+    assert split_of(manifest_frame(make_items({"a": 40, "b": 25, "c": 9}), SplitParams(seed=3, repeats=4))) == \
+        split_of(result)
+
+
+def test_default_params_add_no_manifest_columns():
+    frame = manifest_frame(make_items({"a": 20, "b": 20}), PARAMS)
+    assert list(frame.columns) == ["path", "label", "sha256", "split"]
+
+
+def test_each_repeat_is_a_different_stratified_split():
+    items = make_items({"a": 40, "b": 33})
+    frame = manifest_frame(items, CURVE)
+    columns = ["split", "split_r1", "split_r2"]
+    assert [c for c in frame.columns if c.startswith("split")] == columns
+    for column in columns:
+        counts = pd.crosstab(frame["label"], frame[column])
+        sizes = {label: split_sizes(n, CURVE) for label, n in {"a": 40, "b": 33}.items()}
+        assert all(counts.loc[label, s] == sizes[label][s] for label in sizes for s in ("train", "val", "test"))
+    assert len({tuple(frame[c]) for c in columns}) == 3
+    shuffled = manifest_frame(items.sample(frac=1, random_state=3), CURVE).sort_index()
+    assert shuffled[columns + ["train_rank_r1"]].equals(frame[columns + ["train_rank_r1"]])
+
+
+def test_copies_share_split_and_rank_in_every_repeat():
+    items = make_items({"a": 30, "b": 30})
+    copies = items.head(8).assign(path=lambda f: f["path"] + ".copy.png")
+    frame = manifest_frame(pd.concat([items, copies], ignore_index=True), CURVE)
+    for column in ("split_r1", "split_r2", "train_rank_r0", "train_rank_r2"):
+        assert (frame.groupby("sha256")[column].nunique(dropna=False) == 1).all(), column
+
+
+def test_train_ranks_order_each_class_once():
+    split = stratified_split(make_items({"a": 40, "b": 21}), PARAMS)
+    ranks = train_ranks(split, seed=0, repeat=0)
+    train = split["split"] == "train"
+    assert ranks[~train].isna().all()
+    for label, group in ranks[train].groupby(split["label"]):
+        assert sorted(group) == list(range(int(train[split["label"] == label].sum()))), label
+
+
+def test_rows_for_full_repeat_zero_is_the_split_column():
+    frame = manifest_frame(make_items({"a": 30, "b": 30}), CURVE)
+    rows = rows_for(frame, 0, 1.0)
+    assert list(rows.columns) == ["path", "label", "sha256", "split"]
+    assert rows["split"].tolist() == frame["split"].tolist()
+    assert rows_for(frame, 2, 1.0)["split"].tolist() == frame["split_r2"].tolist()
+
+
+@pytest.mark.parametrize("repeat", [0, 2])
+def test_subsets_are_nested_stratified_and_keep_val_and_test(repeat):
+    counts = {"a": 60, "b": 41, "c": 20}
+    frame = manifest_frame(make_items(counts), CURVE)
+    full = rows_for(frame, repeat, 1.0)
+    previous = set()
+    for fraction in (0.1, 0.5, 1.0):
+        rows = rows_for(frame, repeat, fraction)
+        train = rows[rows["split"] == "train"]
+        for label, n in counts.items():
+            n_train = split_sizes(n, CURVE)["train"]
+            assert (train["label"] == label).sum() == subset_size(n_train, fraction), (label, fraction)
+        assert previous <= set(train["path"])  # nested: a larger fraction keeps every smaller one's images
+        previous = set(train["path"])
+        held_out = rows[rows["split"] != "train"].reset_index(drop=True)
+        assert held_out.equals(full[full["split"] != "train"].reset_index(drop=True))
+
+
+def test_subset_size_rounds_and_keeps_at_least_one():
+    assert subset_size(210, 0.1) == 21 and subset_size(210, 0.25) == 53 and subset_size(210, 1.0) == 210
+    assert subset_size(3, 0.01) == 1
+
+
+def test_train_images_per_class_counts_the_subset():
+    frame = manifest_frame(make_items({"a": 100, "b": 100}), CURVE)
+    assert train_images_per_class(rows_for(frame, 1, 1.0)) == 70
+    assert train_images_per_class(rows_for(frame, 1, 0.1)) == 7
+
+
+def test_rows_for_names_the_param_to_change():
+    plain = manifest_frame(make_items({"a": 20, "b": 20}), PARAMS)
+    with pytest.raises(UserError, match="split.repeats to at least 2"):
+        rows_for(plain, 1, 1.0)
+    with pytest.raises(UserError, match="split.train_fractions"):
+        rows_for(plain, 0, 0.5)
+    with pytest.raises(UserError, match=r"\(0, 1\]"):
+        rows_for(plain, 0, 1.5)
+
+
+def test_write_manifest_with_repeats_round_trips(tmp_path, capsys):
+    make_crops(tmp_path / "crops", {"coat": 20, "shirt": 20})
+    manifest = tmp_path / "manifest.csv"
+    written = write_manifest(tmp_path / "crops", manifest, SplitParams(repeats=2, train_fractions=(0.5, 1.0)))
+    read = pd.read_csv(manifest)
+    assert list(read.columns) == ["path", "label", "split", "sha256", "split_r1", "train_rank_r0", "train_rank_r1"]
+    assert all(cell == "" or cell.isdigit() for line in manifest.read_text().splitlines()[1:]
+               for cell in line.split(",")[5:])  # ranks as integers, blank off train
+    for repeat in (0, 1):
+        assert rows_for(read, repeat, 0.5)["path"].tolist() == rows_for(written, repeat, 0.5)["path"].tolist()
+    assert "train images per class (repeat 0) at each fraction: 0.5: 7, 1: 14" in capsys.readouterr().out

@@ -182,41 +182,46 @@ def test_basic_auth_refuses_anonymous_clients(team_server, monkeypatch):
 
 LOGGER = """
 import sys
-import mlflow
+from transfer_study import tracking
 
-mlflow.set_tracking_uri(sys.argv[1])
-with mlflow.start_run(experiment_id=sys.argv[2], run_name=f"worker-{sys.argv[3]}") as run:
-    mlflow.log_params({f"param_{i}": i for i in range(20)})
-    for step in range(50):
-        mlflow.log_metric("loss", 1.0 / (step + 1), step=step)
-    mlflow.log_metrics({f"metric_{i}": float(i) for i in range(10)})
-print(run.info.run_id)
+uri, worker = sys.argv[1], sys.argv[2]
+experiment_id = tracking.ensure_experiment(uri, "concurrency", None)
+tracker = tracking.RunTracker.start(uri, experiment_id, f"worker-{worker}")
+tracker.add_params_and_tags({f"param_{i}": str(i) for i in range(20)}, {"worker": worker})
+for step in range(50):
+    tracker.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+tracker.log_metrics({f"metric_{i}": float(i) for i in range(10)})
+tracker.finish()
+print(experiment_id, tracker.run_id)
 """
 
 
 @pytest.mark.slow
-def test_concurrent_processes_share_one_sqlite_store(tmp_path, tracking_uri):
-    """4 processes logging to one SQLite store at once: none fails with 'database is locked',
-    and no metric is lost (MLflow sets SQLite's busy_timeout to 20 s)."""
+def test_concurrent_processes_share_one_new_sqlite_store(tmp_path):
+    """4 training processes (tracking.py's calls) start at once on a SQLite store nobody created
+    yet, as `dvc queue start -j 4` on a fresh clone does: the tables are made once, all four use
+    one experiment, none fails with 'database is locked', and no metric is lost."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    experiment_id = client.create_experiment("concurrency")
+    tracking_uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
     script = tmp_path / "logger.py"
     script.write_text(LOGGER)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    workers = [subprocess.Popen([sys.executable, str(script), tracking_uri, experiment_id, str(n)], env=env,
+    workers = [subprocess.Popen([sys.executable, str(script), tracking_uri, str(n)], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(4)]
     results = [(w.communicate(timeout=300), w.returncode) for w in workers]
     for (out, err), code in results:
         assert code == 0, err[-3000:]
         assert "database is locked" not in err
+    (experiment_id,) = {out.split()[0] for (out, _), _ in results}
 
+    client = MlflowClient(tracking_uri=tracking_uri)
     runs = client.search_runs([experiment_id])
     assert sorted(r.info.run_name for r in runs) == [f"worker-{n}" for n in range(4)]
-    assert sorted(r.info.run_id for r in runs) == sorted(out.strip() for (out, _), _ in results)
+    assert sorted(r.info.run_id for r in runs) == sorted(out.split()[1] for (out, _), _ in results)
     for run in runs:
+        assert run.info.status == "FINISHED"
         history = client.get_metric_history(run.info.run_id, "loss")
         assert sorted(m.step for m in history) == list(range(50))
-        assert len(run.data.params) == 20
+        assert len(run.data.params) == 20 and run.data.tags["worker"] == run.info.run_name[-1]
         assert {f"metric_{i}" for i in range(10)} <= set(run.data.metrics)

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_split_project, tiny_params
+from conftest import interrupt_training_at_epoch, make_split_project, tiny_params
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
-from transfer_study import imagestore, models, transforms
-from transfer_study.config import UserError
+from transfer_study import imagestore, models, serve, transforms
 from transfer_study.cells import Cell
+from transfer_study.checkpoints import load_checkpoint
+from transfer_study.config import UserError
 from transfer_study.trainer import Trainer, loss_of
 from transfer_study.train import train_cell
 
@@ -68,6 +73,20 @@ def test_every_fast_cell_trains_and_logs(project, tracking_uri, use_torch_home, 
     _check_run(project, tracking_uri, run_dir, arch, condition)
 
 
+def test_small_cnn_trains_from_scratch_at_28_px_and_logs(project, tracking_uri):
+    _, run_dir = _run_cell(project, tracking_uri, "small_cnn", "scratch", epochs=1)
+    _check_run(project, tracking_uri, run_dir, "small_cnn", "scratch")
+    assert json.loads((run_dir / "run.json").read_text())["image_size"] == 28
+
+
+@pytest.mark.parametrize("condition", ["frozen", "finetune"])
+def test_small_cnn_pretrained_cell_is_refused_before_reading_data(project, tracking_uri, monkeypatch, condition):
+    monkeypatch.setattr(imagestore.TrainingData, "__init__", lambda *a, **k: pytest.fail("data was read"))
+    with pytest.raises(UserError, match="small_cnn has no pretrained weights"):
+        _run_cell(project, tracking_uri, "small_cnn", condition)
+    assert not (project / "out" / "models").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("condition", ["scratch", "frozen", "finetune"])
 @pytest.mark.parametrize("arch", SLOW_ARCHS)
@@ -86,7 +105,7 @@ def test_frozen_backbone_is_bit_identical_after_training(project, tracking_uri):
     optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert optimised == {id(p) for p in trainer.model.head.parameters()}
     data = imagestore.TrainingData(pd.read_csv(project / "data/split/manifest.csv"), project, 32, project / "cache")
-    loader = imagestore.batch_loader(data.source(data.rows("train")), 4, True, 0, 0, False)
+    loader = list(data.on_device(torch.device("cpu")).in_order(data.rows("train"), 4))
     for _ in range(2):
         trainer.train_epoch(loader, None)
     after = trainer.model.backbone.state_dict()
@@ -134,17 +153,20 @@ def test_missing_weights_fail_before_training(project, tracking_uri, tmp_path, m
     assert experiment is None or not MlflowClient(tracking_uri).search_runs([experiment.experiment_id])
 
 
-def test_interrupted_run_resumes_the_same_mlflow_run(project, tracking_uri, monkeypatch):
-    original = Trainer.train_epoch
-    calls = {"n": 0}
+def test_interrupted_run_resumes_the_same_mlflow_run_and_model(project, tracking_uri, monkeypatch,
+                                                              tmp_path_factory, empty_mlflow_db):
+    # The same cell never interrupted, in a folder and store of its own; only its weights and
+    # history are compared, so its model is not logged (seconds saved).
+    reference = tmp_path_factory.mktemp("uninterrupted")
+    make_split_project(reference)
+    shutil.copy(empty_mlflow_db, reference / "mlflow.db")
+    log_model = serve.log_servable_model
+    monkeypatch.setattr(serve, "log_servable_model", lambda *args: SimpleNamespace(model_uri="not logged"))
+    _, reference_dir = _run_cell(reference, f"sqlite:///{reference / 'mlflow.db'}", "efficientnet_lite0",
+                                 "scratch", epochs=3)
+    monkeypatch.setattr(serve, "log_servable_model", log_model)
 
-    def interrupt_second_epoch(self, loader, progress):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(self, loader, progress)
-
-    monkeypatch.setattr(Trainer, "train_epoch", interrupt_second_epoch)
+    original = interrupt_training_at_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         _run_cell(project, tracking_uri, "efficientnet_lite0", "scratch", epochs=3)
     client = MlflowClient(tracking_uri)
@@ -158,8 +180,53 @@ def test_interrupted_run_resumes_the_same_mlflow_run(project, tracking_uri, monk
     assert len(runs) == 1 and runs[0].info.run_id == first.info.run_id
     assert runs[0].info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(first.info.run_id, "val_acc")] == [1, 2, 3]
-    assert len(pd.read_csv(run_dir / "history.csv")) == 3
     assert not list((project / "checkpoints").glob("*/resume.pt")), "resume state left after a finished run"
+
+    # The resumed model is the uninterrupted one, bit for bit (CPU), and so is every epoch's result.
+    resumed, expected = (load_checkpoint(d / "last.pt")["model"] for d in (run_dir, reference_dir))
+    assert resumed.keys() == expected.keys()
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected), "resume did not restore the model"
+    columns = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
+    pd.testing.assert_frame_equal(pd.read_csv(run_dir / "history.csv")[columns],
+                                  pd.read_csv(reference_dir / "history.csv")[columns])
+
+
+def test_changed_params_or_data_start_fresh_and_say_so(project, tracking_uri, monkeypatch, capsys):
+    cell = Cell("efficientnet_lite0", "scratch", 0)
+
+    def interrupted_run(at: int = 2, **overrides) -> str:
+        """Train until Ctrl-C in this attempt's `at`-th epoch; gives back what the attempt printed."""
+        capsys.readouterr()
+        original = interrupt_training_at_epoch(monkeypatch, at)
+        with pytest.raises(KeyboardInterrupt):
+            train_cell(tiny_params(epochs=2, **overrides), cell, project, tracking_uri)
+        monkeypatch.setattr(Trainer, "train_epoch", original)
+        return capsys.readouterr().err
+
+    def resume_dirs() -> set[Path]:
+        return set((project / "checkpoints").glob(f"{cell.name}-*"))
+
+    assert "starting fresh" not in interrupted_run()
+    (first,) = resume_dirs()
+
+    # A param that changes the result: a new resume folder, from epoch 1, and a line naming the old one.
+    err = interrupted_run(lr=2e-4)
+    assert f"starting fresh: params or data changed since '{first}'" in err and "resuming" not in err
+    (second,) = resume_dirs() - {first}
+    assert load_checkpoint(second / "resume.pt")["epoch"] == 1
+
+    # One training image changes (and the manifest records it): fresh again.
+    manifest = pd.read_csv(project / "data/split/manifest.csv")
+    row = manifest.index[manifest["split"] == "train"][0]
+    image = project / manifest.loc[row, "path"]
+    Image.open(image).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(image)
+    manifest.loc[row, "sha256"] = hashlib.sha256(image.read_bytes()).hexdigest()
+    manifest.to_csv(project / "data/split/manifest.csv", index=False)
+    err = interrupted_run(lr=2e-4)
+    assert "starting fresh: params or data changed since" in err and "resuming" not in err
+    assert str(first) in err and str(second) in err
+    (third,) = resume_dirs() - {first, second}
+    assert load_checkpoint(third / "resume.pt")["epoch"] == 1
 
 
 def test_frozen_without_augmentation_trains_the_head_on_cached_features(project, tracking_uri, capsys):
@@ -168,9 +235,9 @@ def test_frozen_without_augmentation_trains_the_head_on_cached_features(project,
     params = tiny_params(epochs=2, augment=AugmentParams(rotation=0.0, translate=0.0, hflip=False))
     trainer = Trainer(params, Cell("efficientnet_lite0", "frozen", 0), 3, torch.device("cpu"))
     data = imagestore.TrainingData(pd.read_csv(project / "data/split/manifest.csv"), project, 32, project / "cache")
-    loader = imagestore.batch_loader(data.source(data.rows("train")), 4, False, 0, 0, False)
-    features, labels = trainer.cached_features(loader)
-    images, _ = next(iter(loader))
+    batches = list(data.on_device(torch.device("cpu")).in_order(data.rows("train"), 4))
+    features, labels = trainer.cached_features(batches)
+    images, _ = batches[0]
     with torch.no_grad():
         direct = trainer.model.forward_features(
             transforms.normalize(transforms.to_model_input(images, torch.device("cpu"), False)))
@@ -180,3 +247,54 @@ def test_frozen_without_augmentation_trains_the_head_on_cached_features(project,
     run_dir = train_cell(params, Cell("efficientnet_lite0", "frozen", 0), project, tracking_uri)
     assert "cached features" in capsys.readouterr().err
     assert len(pd.read_csv(run_dir / "history.csv")) == 2
+
+
+def test_crops_made_with_other_settings_stop_training_before_it_starts(project, tracking_uri):
+    """The crops record their cropper; a profile asking for another one is an error naming both,
+    not a model trained on one preprocessing and served with another."""
+    import dataclasses
+
+    params = tiny_params()
+    other = dataclasses.replace(params, preprocess=dataclasses.replace(params.preprocess, cropper="none"))
+    with pytest.raises(UserError) as error:
+        train_cell(other, Cell("resnet18", "scratch", 0), project, tracking_uri)
+    assert "cropper: crops 'foreground', profile 'none'" in str(error.value)
+    assert "dvc repro preprocess" in str(error.value)
+    assert not (project / "out").exists() and not (project / "checkpoints").exists()
+
+
+def test_a_cell_ends_with_a_logged_model_where_only_mlflow_skinny_is_installed(project, tracking_uri, monkeypatch):
+    """A training client often has mlflow-skinny, not mlflow: the model's requirements pin that one,
+    and the check happens before the first epoch rather than after the last."""
+    import importlib.metadata
+
+    real_version = importlib.metadata.version
+
+    def without_mlflow(name: str) -> str:
+        if name == "mlflow":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_version("mlflow") if name == "mlflow-skinny" else real_version(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", without_mlflow)
+    run_dir = train_cell(tiny_params(max_batches_per_epoch=1), Cell("resnet18", "scratch", 0), project,
+                         tracking_uri)
+    model_uri = json.loads((run_dir / "run.json").read_text())["model_uri"]
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(model_uri)).read_text()
+    assert f"mlflow-skinny=={real_version('mlflow')}" in requirements.splitlines()
+    assert not any(line.startswith("mlflow==") for line in requirements.splitlines())
+
+
+def test_a_missing_requirement_stops_the_cell_before_training(project, tracking_uri, monkeypatch):
+    import importlib.metadata
+
+    real_version = importlib.metadata.version
+
+    def without_kornia(name: str) -> str:
+        if name == "kornia":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_version(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", without_kornia)
+    with pytest.raises(UserError, match="kornia is not installed"):
+        train_cell(tiny_params(), Cell("resnet18", "scratch", 0), project, tracking_uri)
+    assert not (project / "checkpoints").exists(), "training started before the check"

@@ -32,7 +32,7 @@ def test_training_and_serving_give_the_model_the_same_input(tmp_path):
     size = 40
     crop = tmp_path / "cropped" / "jacket" / "a.png"
     store = imagestore.build_store([crop], ["x"], size, tmp_path / "stores")
-    batch, _ = imagestore.BatchSource(store, np.array([0]))[[0]]  # what a training epoch gathers
+    batch, _ = imagestore.DeviceImages(store, np.array([0]), torch.device("cpu")).batch(torch.tensor([0]))
     trained = transforms.model_input(batch, torch.device("cpu"))
 
     classifier = serve.ImageClassifier()
@@ -51,3 +51,32 @@ def test_normalize_uses_imagenet_statistics():
     out = transforms.normalize(grey)
     expected = (0.5 - torch.tensor(transforms.IMAGENET_MEAN)) / torch.tensor(transforms.IMAGENET_STD)
     assert torch.allclose(out[0, :, 0, 0], expected)
+
+
+def test_device_augment_warp_matches_kornia():
+    """affine_warp is kornia's warp_affine for the same rotation (degrees) and shift (pixels)."""
+    import kornia
+
+    images = torch.rand(3, 3, 33, 33, generator=torch.Generator().manual_seed(0))
+    angle = torch.tensor([0.3, -0.5, 0.0])
+    shift = torch.tensor([[0.1, -0.2], [0.0, 0.3], [0.05, 0.05]])
+    ours = transforms.affine_warp(images, angle, shift, torch.ones(3))
+    matrix = kornia.geometry.transform.get_affine_matrix2d(
+        translations=shift * 33 / 2, center=torch.full((3, 2), 16.0), scale=torch.ones(3, 2),
+        angle=torch.rad2deg(angle))
+    theirs = kornia.geometry.transform.warp_affine(images, matrix[:, :2], (33, 33), mode="bilinear",
+                                                   padding_mode="border", align_corners=False)
+    assert torch.allclose(ours, theirs, atol=1e-4)
+    flipped = transforms.affine_warp(images, torch.zeros(3), torch.zeros(3, 2), -torch.ones(3))
+    assert torch.allclose(flipped, images.flip(-1), atol=1e-5)
+
+
+def test_device_augment_draws_per_sample_within_the_params():
+    from transfer_study.config import AugmentParams
+
+    torch.manual_seed(0)
+    images = torch.rand(1, 3, 16, 16).expand(64, 3, 16, 16).contiguous()
+    out = transforms.DeviceAugment(AugmentParams(rotation=15.0, translate=0.1, hflip=True))(images)
+    differences = (out - out[:1]).flatten(1).abs().amax(1)
+    assert (differences[1:] > 1e-3).all(), "every image should get its own draw"
+    assert torch.equal(transforms.DeviceAugment(AugmentParams(0.0, 0.0, False))(images), images)

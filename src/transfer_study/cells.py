@@ -1,4 +1,5 @@
-"""The cells of the study: one (architecture, condition, seed) each, as params ask for them."""
+"""The cells of the study, as params ask for them: one run each of (architecture, condition)
+× seed × split repeat × training fraction. Repeat 0 at fraction 1 is the study's own run."""
 
 from __future__ import annotations
 
@@ -12,25 +13,45 @@ class Cell:
     architecture: str
     condition: str
     seed: int
+    repeat: int = 0  # which stratified split (split.repeats)
+    fraction: float = 1.0  # share of that split's training images (split.train_fractions)
+
+    @property
+    def variant(self) -> str:
+        """`s<seed>`, with `-r<repeat>` and `-f<fraction>` when they are not the study's 0 and 1."""
+        suffix = (f"-r{self.repeat}" if self.repeat else "") + (f"-f{self.fraction:g}" if self.fraction != 1 else "")
+        return f"s{self.seed}{suffix}"
+
+    @property
+    def group(self) -> str:
+        """`<arch>-<condition>`: the study's cell, whose runs differ in seed, split and size."""
+        return f"{self.architecture}-{self.condition}"
 
     @property
     def name(self) -> str:
-        return f"{self.architecture}-{self.condition}-s{self.seed}"
+        return f"{self.group}-{self.variant}"
 
     @property
     def pretrained(self) -> bool:
         return self.condition != "scratch"
 
 
+def runs_per_group(params: Params) -> int:
+    """How many runs each (architecture, condition) has: seeds × split repeats × training fractions."""
+    return len(params.train.seeds) * params.split.repeats * len(params.split.train_fractions)
+
+
 def cells_for(params: Params, architecture: str | None = None, condition: str | None = None) -> list[Cell]:
     """The cells params ask for, optionally narrowed to one architecture/condition."""
     t = params.train
     chosen = [
-        Cell(a, c, s)
+        Cell(a, c, s, r, f)
         for a in t.architectures
         for c in t.conditions
-        for s in t.seeds
         if f"{a}-{c}" not in t.exclude
+        for f in params.split.train_fractions
+        for r in range(params.split.repeats)
+        for s in t.seeds
     ]
     if architecture is not None:
         if architecture not in t.architectures:
@@ -41,3 +62,9 @@ def cells_for(params: Params, architecture: str | None = None, condition: str | 
             raise ConfigError(f"--condition {condition} is not in train.conditions {list(t.conditions)}")
         chosen = [c for c in chosen if c.condition == condition]
     return chosen
+
+
+def pretrained_architectures(params: Params) -> list[str]:
+    """Architectures whose ImageNet weights the cells params ask for need, in train.architectures' order."""
+    needed = {c.architecture for c in cells_for(params) if c.pretrained}
+    return [a for a in params.train.architectures if a in needed]

@@ -15,6 +15,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,14 @@ def result_fingerprint(params: Params, cell: Cell, manifest: pd.DataFrame) -> st
     relevant["train"].pop("conditions")
     relevant["train"].pop("seeds")
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def stale_work_dirs(checkpoint_dir: Path, cell_name: str, current: Path) -> list[Path]:
+    """The cell's resume folders other than `current`: written under another fingerprint, that is,
+    before params or data that change the result were changed."""
+    pattern = re.compile(re.escape(cell_name) + r"-[0-9a-f]{12}")
+    return sorted(p for p in checkpoint_dir.glob(f"{cell_name}-*")
+                  if p.is_dir() and p != current and pattern.fullmatch(p.name))
 
 
 class _HashingWriter:

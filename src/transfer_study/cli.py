@@ -56,13 +56,15 @@ def data_fetch(ctx: click.Context, dest: Path | None, source: Path | None) -> No
 
 @data.command("validate")
 @click.option("--strict", is_flag=True, help="Treat warnings as errors.")
+@click.option("--verbose", is_flag=True, help="List every conversion and upscaled image, per file.")
 @click.pass_context
-def data_validate(ctx: click.Context, strict: bool) -> None:
+def data_validate(ctx: click.Context, strict: bool, verbose: bool) -> None:
     """Check data/raw before anything trains; write the summary metric (paths.validation)."""
     from .data import validate_and_report
 
     params = _params(ctx)
-    validate_and_report(Path(params.paths.raw), Path(params.paths.validation), params.validate, strict=strict)
+    validate_and_report(Path(params.paths.raw), Path(params.paths.validation), params.validate, strict=strict,
+                        verbose=verbose, input_size=config.model_input_size(params.train))
 
 
 @cli.command()
@@ -93,14 +95,17 @@ def weights() -> None:
 @weights.command("fetch")
 @click.pass_context
 def weights_fetch(ctx: click.Context) -> None:
-    """Download (or find) every weights file the params need, before training."""
+    """Download (or find) every weights file the params' pretrained cells need, before training."""
+    from .cells import pretrained_architectures
     from .models import fetch_weights
 
-    t = _params(ctx).train
-    if not any(c != "scratch" for c in t.conditions):
-        click.echo("no pretrained condition in train.conditions; nothing to fetch")
+    params = _params(ctx)
+    archs = pretrained_architectures(params)
+    if not archs:
+        click.echo("no pretrained cell in train.architectures × train.conditions; nothing to fetch")
         return
-    for path in fetch_weights(list(t.architectures), Path(t.weights_dir) if t.weights_dir else None):
+    weights_dir = params.train.weights_dir
+    for path in fetch_weights(archs, Path(weights_dir) if weights_dir else None):
         click.echo(f"ok {path}")
 
 
@@ -112,14 +117,22 @@ def train(ctx: click.Context, arch: str | None, condition: str | None) -> None:
     """Train the cells (architecture × condition × seed); one MLflow run each.
 
     Under `torchrun --nproc_per_node N -m transfer_study.cli train ...` each cell trains with DDP."""
-    from .distributed import process_group
     from .cells import cells_for
-    from .train import train_cell
+    from .runs import mark_excluded
 
     params = _params(ctx)
     cells = cells_for(params, arch, condition)
+    if not cells and arch and condition:
+        # dvc.yaml's train matrix has a stage for every arch × condition; an excluded one still leaves its out.
+        folder = mark_excluded(_root() / params.paths.outputs / "models", arch, condition)
+        click.echo(f"{arch}-{condition} is listed in train.exclude; nothing to train ({folder} says so)")
+        return  # before importing torch and MLflow: an excluded stage takes half a second
     if not cells:
-        click.echo(f"{arch}-{condition} is listed in train.exclude; nothing to train")
+        click.echo("every cell asked for is listed in train.exclude; nothing to train")
+        return
+    from .distributed import process_group
+    from .train import train_cell
+
     with process_group(config.launch_env()) as world:
         for cell in cells:
             train_cell(params, cell, _root(), config.tracking_uri(), world)
@@ -139,13 +152,13 @@ def evaluate(ctx: click.Context) -> None:
 @cli.command()
 @click.pass_context
 def report(ctx: click.Context) -> None:
-    """Table 1, Figure 1, paired tests and the side-by-side with the study (reports/)."""
+    """Table 1, Figure 1, paired tests and, on the study's data only, the side-by-side with the study (reports/)."""
     from .report import write_report
 
     params = _params(ctx)
     out = Path(params.paths.outputs)
     write_report(out / "evaluation", out / "models", out / "reports", Path("references/study_table1.csv"),
-                 params.evaluate)
+                 params.evaluate, is_study_data=config.recorded_dataset_md5(_root()) == config.DEFAULT_DATASET_MD5)
 
 
 @cli.command()
@@ -162,7 +175,8 @@ def register(ctx: click.Context) -> None:
 
 
 @cli.command()
-@click.option("--skip-data", is_flag=True, help="The data stages will not run: the split manifest must exist.")
+@click.option("--skip-data", is_flag=True,
+              help="The fetch, validate and preprocess stages will not run: the crops must exist.")
 @click.option("--estimate-only", is_flag=True,
               help="Only time the cells (for a profile you will not run): no weights, data or disk checks.")
 @click.pass_context
@@ -235,7 +249,7 @@ def serve(ctx: click.Context, port: int) -> None:
 
 @cli.command()
 @click.option("--skip-data", is_flag=True,
-              help="Start at training, on the crops and manifest `dvc repro split` built.")
+              help="Start at the split, on the crops `dvc repro preprocess` built (each profile splits its own way).")
 @click.option("--skip-plan", is_flag=True, help="Do not run the preflight (`transfer-study plan` ran already).")
 @click.pass_context
 def pipeline(ctx: click.Context, skip_data: bool, skip_plan: bool) -> None:
@@ -244,12 +258,12 @@ def pipeline(ctx: click.Context, skip_data: bool, skip_plan: bool) -> None:
     if not skip_plan:
         click.echo("== plan ==", err=True)
         ctx.invoke(plan, skip_data=skip_data)
-    stages = [train, evaluate, report, register]
+    stages = [split, train, evaluate, report, register]
     if not skip_data:
         raw = Path(params.paths.raw)
         if not (raw.is_dir() and any(raw.iterdir())):
             ctx.invoke(data_fetch)
-        stages = [data_validate, preprocess, split] + stages
+        stages = [data_validate, preprocess] + stages
     for command in stages:
         click.echo(f"== {command.name} ==", err=True)
         ctx.invoke(command)

@@ -1,9 +1,16 @@
-"""A small HTTP client for a running `mlflow models serve` of the servable model (serve.py)."""
+"""A small HTTP client for a running `mlflow models serve` of the servable model (serve.py).
+
+It sends each file's bytes, base64-encoded, as one row of MLflow's `inputs` form, so it needs
+neither MLflow nor the model's code: `transfer-study predict` starts fast and prints no library
+warnings. Files are checked here first with the loader the server uses (data.open_rgb), and a
+server's refusal ("row 3: ...", serve.decode_image) is reported with the file sent as that row.
+"""
 
 from __future__ import annotations
 
 import base64
 import json
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -11,16 +18,46 @@ from pathlib import Path
 import pandas as pd
 
 from .config import UserError
-from .serve import IMAGE_COLUMN
+from .data import open_rgb
+
+# MLflow's scoring server prefixes the model's message with the whole request:
+# "Failed to predict data '<the DataFrame>'. \nError: <message>" (mlflow/pyfunc/scoring_server).
+_MLFLOW_REQUEST_DUMP = re.compile(r"^Failed to predict data .*?\nError: ", re.DOTALL)
+_ROW = re.compile(r"^row (\d+): (.*)$", re.DOTALL)
+MAX_MESSAGE_CHARS = 500
 
 
 def encode_file(path: Path) -> str:
     return base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
+def check_images(images: list[Path]) -> None:
+    """Open each file as the server will; UserError naming the first one that is not a readable image."""
+    for path in images:
+        open_rgb(path)
+
+
+def server_message(body: str) -> str:
+    """The model's own message in an error answer: its JSON `message`, without MLflow's dump of the request."""
+    try:
+        message = json.loads(body).get("message", body)
+    except (json.JSONDecodeError, AttributeError):
+        message = body
+    return _MLFLOW_REQUEST_DUMP.sub("", str(message)).strip()[:MAX_MESSAGE_CHARS]
+
+
+def refusal(url: str, status: int, message: str, images: list[Path]) -> UserError:
+    """A server's refusal, naming the file when the message names a row of the request."""
+    match = _ROW.match(message)
+    if match and int(match[1]) < len(images):
+        return UserError(f"the server at {url} refused '{images[int(match[1])]}' ({status}): {match[2]}")
+    return UserError(f"the server at {url} refused the request ({status}): {message}")
+
+
 def predict_images(url: str, images: list[Path], timeout: float = 60.0) -> pd.DataFrame:
-    """POST images to a running `mlflow models serve` and return its predictions."""
-    body = json.dumps({"dataframe_split": {"columns": [IMAGE_COLUMN], "data": [[encode_file(p)] for p in images]}})
+    """POST images to a running `mlflow models serve` and return its predictions, one row per file."""
+    check_images(images)
+    body = json.dumps({"inputs": [encode_file(p) for p in images]})
     request = urllib.request.Request(
         url.rstrip("/") + "/invocations", data=body.encode(), headers={"Content-Type": "application/json"}
     )
@@ -28,12 +65,7 @@ def predict_images(url: str, images: list[Path], timeout: float = 60.0) -> pd.Da
         with urllib.request.urlopen(request, timeout=timeout) as response:
             answer = json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        detail = exc.read().decode(errors="replace")
-        try:
-            detail = json.loads(detail).get("message", detail)
-        except (json.JSONDecodeError, AttributeError):
-            pass
-        raise UserError(f"the server at {url} refused the request ({exc.code}): {detail[:500]}") from None
+        raise refusal(url, exc.code, server_message(exc.read().decode(errors="replace")), images) from None
     except (urllib.error.URLError, OSError) as exc:
         raise UserError(f"cannot reach a model server at {url} ({exc}); start one with "
                         f"`mlflow models serve -m models:/<name>@champion --env-manager local -p PORT`") from None

@@ -7,18 +7,32 @@ other module takes the dataclasses below as arguments.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
+import re
 import sys
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-ARCHITECTURES = ("resnet18", "vgg19", "inception_v3", "efficientnet_lite0")
+ARCHITECTURES = ("resnet18", "vgg19", "inception_v3", "efficientnet_lite0", "small_cnn")
+# Architectures with no ImageNet weights: they train from scratch only.
+SCRATCH_ONLY = ("small_cnn",)
 CONDITIONS = ("scratch", "frozen", "finetune")
+SCHEDULES = ("constant", "cosine", "onecycle")
 CROPPERS = ("none", "foreground", "cam")
 INCEPTION_MIN_SIZE = 75
+# The version DVC records in data.dvc for the default dataset (`transfer-study data fetch` with the
+# default data params writes the same bytes everywhere). Only runs on this version are compared
+# with the study's Table 1; any other data is "your data".
+DEFAULT_DATASET_MD5 = "6298280f42a1a76b2c1995959781ba9d.dir"
+MIN_IMAGE_SIZE = 32
+SMALL_CNN_MIN_SIZE = 16  # built for small images, e.g. Fashion-MNIST's own 28 px
 
 
 class UserError(Exception):
@@ -64,6 +78,8 @@ class SplitParams:
     val: float = 0.15
     test: float = 0.15
     seed: int = 0
+    repeats: int = 1  # stratified splits; repeat 0 is the one split `seed` has always given
+    train_fractions: tuple[float, ...] = (1.0,)  # nested subsets of each repeat's train split (learning curve)
 
 
 @dataclass(frozen=True)
@@ -84,7 +100,8 @@ class TrainParams:
     lr: float = 1e-4
     weight_decay: float = 0.0
     image_size: dict[str, int] = field(
-        default_factory=lambda: {"resnet18": 224, "vgg19": 224, "inception_v3": 299, "efficientnet_lite0": 224}
+        default_factory=lambda: {"resnet18": 224, "vgg19": 224, "inception_v3": 299, "efficientnet_lite0": 224,
+                                 "small_cnn": 28}  # small_cnn: the default dataset's own size
     )
     aux_logits: bool = True
     aux_weight: float = 0.4
@@ -93,6 +110,10 @@ class TrainParams:
     weights_dir: str | None = None  # local folder of ImageNet weights under torchvision's file names
     num_workers: int = 2
     max_batches_per_epoch: int | None = None  # tests and smoke runs only
+    cuda_graphs: bool = True  # on one CUDA GPU, capture the training step once and replay it
+    schedule: str = "constant"  # learning rate over training: constant (the study's), cosine or onecycle
+    label_smoothing: float = 0.0  # the study's plain cross-entropy; e.g. 0.1 for tuned profiles
+    save_every_s: float = 60.0  # resume state (and MLflow's epoch metrics) at most this often; 0: every epoch
 
 
 @dataclass(frozen=True)
@@ -129,27 +150,173 @@ class Params:
     paths: PathParams = PathParams()
 
 
+# A param's expected type in words: (one value, several values in a list).
+_TYPE_WORDS = {int: ("an integer", "integers"), float: ("a number", "numbers"),
+               bool: ("true or false", "true/false values"), str: ("text", "text values")}
+# PyYAML reads YAML 1.1, where 1e-4 (no dot) and 1.0e4 (no sign) are strings; YAML 1.2 and every
+# user read numbers. Exactly that form is accepted where a number is expected; other strings are errors.
+_EXPONENT_WITHOUT_DOT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _yaml_text(value: Any) -> str:
+    """A value as it would be written in params.yaml (1.0e-05, [0, 1], {a: 1}, null)."""
+    if isinstance(value, tuple):
+        value = list(value)
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return text.removesuffix("...").strip()
+
+
+def _shown(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else _yaml_text(value)
+
+
+def _what_it_is(value: Any) -> str:
+    """How YAML read a value, in words."""
+    if value is None:
+        return "empty"
+    if isinstance(value, bool):
+        return "a boolean (true/false)"
+    for kind, words in ((int, "an integer"), (float, "a number with a decimal point"), (str, "a string"),
+                        (list, "a list"), (dict, "a mapping")):
+        if isinstance(value, kind):
+            return words
+    return f"a {type(value).__name__}"
+
+
+def _expected(hint: Any) -> str:
+    """A type annotation in words: 'an integer', 'a list of integers', 'text or null' ..."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join("null" if a is type(None) else _expected(a) for a in args)
+    if origin is tuple:
+        return f"a list of {_TYPE_WORDS[args[0]][1]}"
+    if origin is dict:
+        return f"a mapping of names to {_TYPE_WORDS[args[1]][1]}"
+    if dataclasses.is_dataclass(hint):
+        return "a mapping"
+    return _TYPE_WORDS[hint][0]
+
+
+# Examples for a value whose default is null or an empty list, where the default shows nothing.
+_FALLBACK_EXAMPLES = {int: 10, float: 0.5}
+
+
+def _example(hint: Any, default: Any) -> str | None:
+    """The example a message gives: the default as YAML, else a typical value; None if there is none."""
+    if default is not None and default != ():
+        return _yaml_text(default)
+    inner = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+    fallback = _FALLBACK_EXAMPLES.get(inner)
+    if typing.get_origin(hint) is tuple:
+        return "[]" if fallback is None else f"[{fallback}]"
+    parts = (["null"] if type(None) in typing.get_args(hint) else []) + ([] if fallback is None else [str(fallback)])
+    return " or ".join(parts) or None
+
+
+def _scalar_types(hint: Any) -> tuple:
+    """The scalar types a hint accepts: (int,) for int, (str, NoneType) for str | None; () for lists and mappings."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return typing.get_args(hint)
+    return (hint,) if hint in _TYPE_WORDS else ()
+
+
+def _reads_as(text: str, kind: type) -> bool:
+    """Whether quoted text is a finite number of that kind (nan and inf are text in YAML too)."""
+    try:
+        return math.isfinite(kind(text))
+    except ValueError:
+        return False
+
+
+def _type_error(key: str, value: Any, hint: Any, example: str | None) -> ConfigError:
+    accepted, fix = _scalar_types(hint), ""
+    if str in accepted and isinstance(value, (int, float)):
+        fix = f" (quote it: '{value}')"
+    elif isinstance(value, str) and any(k in accepted and _reads_as(value, k) for k in (int, float)):
+        fix = " (write it without quotes)"
+    example_text = f", e.g. {example}" if example else ""
+    return ConfigError(f"{key} = {_shown(value)} is {_what_it_is(value)}; expected {_expected(hint)}"
+                       f"{example_text}{fix}")
+
+
+def _typed(hint: Any, value: Any, key: str, default: Any) -> Any:
+    """`value` from YAML as type `hint` (the dataclass annotation), or a ConfigError naming key,
+    value, expected type and an example (from the default). Ints pass as floats; bools never as ints."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]  # only `X | None` is used
+        try:
+            return _typed(inner, value, key, default)
+        except ConfigError:
+            raise _type_error(key, value, hint, _example(hint, default)) from None
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if origin is tuple:
+        return _typed_list(args[0], value, key, default)
+    if origin is dict:
+        return _typed_mapping(args[1], value, key, default)
+    if hint not in _TYPE_WORDS:  # a programming error, caught by the committed profiles' test
+        raise TypeError(f"config.py cannot check {key}'s annotation {hint!r}; teach _typed about it")
+    if hint is float and isinstance(value, str) and _EXPONENT_WITHOUT_DOT.fullmatch(value.strip()):
+        return float(value)
+    if hint is float and type(value) is int:
+        return float(value)
+    if type(value) is not hint:  # `type is`: bool is a subclass of int, but true is not an integer
+        raise _type_error(key, value, hint, _example(hint, default))
+    return value
+
+
+def _typed_list(item: type, value: Any, key: str, default: tuple) -> tuple:
+    """A YAML list as a tuple of `item`; a lone value is an error that suggests the list form."""
+    if not isinstance(value, list):
+        try:  # a lone valid item: suggest it in brackets, e.g. seeds: 1 -> [1]
+            example = _yaml_text([_typed(item, value, key, None)])
+        except ConfigError:
+            example = _example(tuple[item, ...], default)
+        raise _type_error(key, value, tuple[item, ...], example)
+    first = default[0] if default else None
+    return tuple(_typed(item, v, f"{key}[{i}]", first) for i, v in enumerate(value))
+
+
+def _typed_mapping(item: type, value: Any, key: str, default: dict) -> dict:
+    """A YAML mapping of names to `item`, each value checked under `key.name`."""
+    if not isinstance(value, dict):
+        raise _type_error(key, value, dict[str, item], _yaml_text(default))
+    first = next(iter(default.values()), None)
+    typed = {}
+    for name, v in value.items():
+        if not isinstance(name, str):
+            raise ConfigError(f"{key}: the name {_shown(name)} is {_what_it_is(name)}; write names as text, "
+                              f"e.g. {_yaml_text(default)}")
+        typed[name] = _typed(item, v, f"{key}.{name}", first)
+    return typed
+
+
 def _build(cls: type, raw: Any, where: str) -> Any:
-    """Build dataclass `cls` from a mapping, naming the param at fault on error."""
+    """Build dataclass `cls` from a YAML mapping, each value checked against its annotation.
+
+    `where` is the dotted key of the mapping ('' at the top, 'train', 'train.augment').
+    Raises ConfigError naming the param at fault."""
     if raw is None:
         return cls()
     if not isinstance(raw, dict):
-        raise ConfigError(f"param '{where}' must be a mapping, got {type(raw).__name__}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(known))
+        what = f"{where} = {_shown(raw)} is" if where else "the file holds"
+        raise ConfigError(f"{what} {_what_it_is(raw)}; expected a mapping of param names to values")
+    prefix = f"{where}." if where else ""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known, key=str)
     if unknown:
-        raise ConfigError(
-            f"unknown param(s) {', '.join(where + '.' + u for u in unknown)}; known: {', '.join(sorted(known))}"
-        )
-    values = {}
-    for name, value in raw.items():
-        default = getattr(cls(), name)
-        if dataclasses.is_dataclass(default):
-            value = _build(type(default), value, f"{where}.{name}")
-        elif isinstance(default, tuple) and isinstance(value, list):
-            value = tuple(value)
-        values[name] = value
-    return cls(**values)
+        named = []
+        for name in map(str, unknown):
+            close = difflib.get_close_matches(name, known, n=1)
+            named.append(prefix + name + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
+        raise ConfigError(f"unknown param(s) {', '.join(named)}; {where or 'the top level'} knows "
+                          f"{', '.join(sorted(known))}")
+    hints, defaults = typing.get_type_hints(cls), cls()
+    return cls(**{name: _typed(hints[name], value, prefix + name, getattr(defaults, name))
+                  for name, value in raw.items()})
 
 
 def _check(params: Params) -> None:
@@ -163,9 +330,11 @@ def _check(params: Params) -> None:
     for cond in t.conditions:
         if cond not in CONDITIONS:
             raise ConfigError(f"train.conditions: unknown condition '{cond}'; choose from {', '.join(CONDITIONS)}")
+    _check_scratch_only(t)
     for arch, size in t.image_size.items():
-        if not isinstance(size, int) or size < 32:
-            raise ConfigError(f"train.image_size.{arch} = {size!r}; use an integer of at least 32")
+        minimum = SMALL_CNN_MIN_SIZE if arch == "small_cnn" else MIN_IMAGE_SIZE
+        if size < minimum:
+            raise ConfigError(f"train.image_size.{arch} = {size}; use an integer of at least {minimum}")
     if t.image_size.get("inception_v3", INCEPTION_MIN_SIZE) < INCEPTION_MIN_SIZE:
         raise ConfigError(
             f"train.image_size.inception_v3 = {t.image_size['inception_v3']}: Inception V3 needs at least "
@@ -177,28 +346,65 @@ def _check(params: Params) -> None:
             f"train.image_size.inception_v3 = {t.image_size['inception_v3']}: Inception V3's auxiliary "
             "classifier needs 299 px; raise the size or set train.aux_logits: false"
         )
+    if t.schedule not in SCHEDULES:
+        raise ConfigError(f"train.schedule = {t.schedule!r}; choose from {', '.join(SCHEDULES)}")
+    if not 0 <= t.label_smoothing < 1:
+        raise ConfigError(f"train.label_smoothing = {t.label_smoothing}; use a value in [0, 1), e.g. 0.1")
     if t.checkpoint not in ("best", "last"):
         raise ConfigError(f"train.checkpoint = {t.checkpoint!r}; use 'best' or 'last'")
-    if t.epochs < 1 or t.batch_size < 1 or t.lr <= 0:
-        raise ConfigError("train.epochs and train.batch_size must be >= 1 and train.lr > 0")
-    if not t.seeds:
-        raise ConfigError("train.seeds is empty; give at least one seed, e.g. [0]")
+    for name in ("epochs", "batch_size"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name} = {getattr(t, name)}; use an integer of at least 1")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr = {t.lr}; use a positive number, e.g. 1.0e-4")
+    for name, example in (("architectures", "[resnet18]"), ("conditions", "[scratch, frozen]"), ("seeds", "[0]")):
+        if not getattr(t, name):
+            raise ConfigError(f"train.{name} is empty; give at least one, e.g. {example}")
     s = params.split
     if min(s.train, s.val, s.test) <= 0 or abs(s.train + s.val + s.test - 1.0) > 1e-6:
         raise ConfigError(
             f"split ratios train={s.train}, val={s.val}, test={s.test} must be positive and sum to 1"
         )
+    _check_split_repeats(s)
     p = params.preprocess
     if p.cropper not in CROPPERS:
         raise ConfigError(f"preprocess.cropper = {p.cropper!r}; choose from {', '.join(CROPPERS)}")
     if p.fit not in ("letterbox", "center"):
         raise ConfigError(f"preprocess.fit = {p.fit!r}; use 'letterbox' or 'center'")
-    needed = max(t.image_size[a] for a in t.architectures)
+    needed = model_input_size(t)
     if p.size < needed:
         raise ConfigError(
             f"preprocess.size = {p.size} is smaller than the largest train.image_size ({needed}); "
             f"store crops at least that large"
         )
+
+
+def _check_split_repeats(s: SplitParams) -> None:
+    """The seed, repeats and learning-curve fractions of the split section."""
+    if isinstance(s.seed, bool) or not isinstance(s.seed, int) or s.seed < 0:
+        raise ConfigError(f"split.seed = {s.seed!r}; use a non-negative integer")
+    if isinstance(s.repeats, bool) or not isinstance(s.repeats, int) or s.repeats < 1:
+        raise ConfigError(f"split.repeats = {s.repeats!r}; use an integer of at least 1 (1: the study's single split)")
+    fractions = s.train_fractions
+    if not isinstance(fractions, tuple) or not fractions:
+        raise ConfigError(f"split.train_fractions = {fractions!r}; give a list such as [0.25, 0.5, 1.0]")
+    for f in fractions:
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+            raise ConfigError(f"split.train_fractions: {f!r} is not a fraction of the train split; use numbers in (0, 1]")
+    if len(set(fractions)) < len(fractions):
+        raise ConfigError(f"split.train_fractions = {list(fractions)} lists a fraction twice; list each once")
+
+
+def _check_scratch_only(t: TrainParams) -> None:
+    """A pretrained cell of an architecture without weights must be listed in train.exclude, not skipped silently."""
+    for arch in (a for a in t.architectures if a in SCRATCH_ONLY):
+        pretrained = [c for c in t.conditions if c != "scratch"]
+        missing = [f"{arch}-{c}" for c in pretrained if f"{arch}-{c}" not in t.exclude]
+        if missing:
+            raise ConfigError(
+                f"train.conditions includes {', '.join(pretrained)}, but {arch} has no pretrained weights; "
+                f"add {', '.join(missing)} to train.exclude or remove {arch} from train.architectures"
+            )
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -211,11 +417,16 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except yaml.YAMLError as exc:
         raise ConfigError(f"params file '{path}' is not valid YAML: {exc}") from None
     try:
-        params = _build(Params, raw, "params")
+        params = _build(Params, raw, "")
         _check(params)
-    except (ConfigError, TypeError) as exc:
+    except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return params
+
+
+def model_input_size(train: TrainParams) -> int:
+    """The largest input size (px) of the profile's architectures: what every image is resized to at most."""
+    return max(train.image_size[a] for a in train.architectures)
 
 
 def flatten_params(params: Params) -> dict[str, str]:
@@ -234,6 +445,18 @@ def flatten_params(params: Params) -> dict[str, str]:
 
     walk("", params)
     return flat
+
+
+def recorded_dataset_md5(root: Path) -> str:
+    """The md5 DVC recorded for data/raw in root/data.dvc (the dataset's version); 'unknown' without one."""
+    dvc_file = Path(root) / "data.dvc"
+    if not dvc_file.is_file():
+        return "unknown"
+    try:
+        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
+        return str(outs[0].get("md5", "unknown"))
+    except (yaml.YAMLError, AttributeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"'{dvc_file}' is not a DVC file ({exc}); restore it with `git checkout data.dvc`") from None
 
 
 def project_root() -> Path:

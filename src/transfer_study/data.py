@@ -259,11 +259,11 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def _describe(source: Path | bytes | BinaryIO) -> str:
-    """How to name the source in an error message."""
+    """How to name the source in an error message ("the file" for bytes: the server says which row)."""
     if isinstance(source, (str, Path)):
         return f"'{source}'"
     name = getattr(source, "name", None)
-    return f"'{name}'" if isinstance(name, str) else "the data"
+    return f"'{name}'" if isinstance(name, str) else "the file"
 
 
 def open_lazily(source: Path | bytes | BinaryIO, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -271,6 +271,9 @@ def open_lazily(source: Path | bytes | BinaryIO, max_pixels: int | None = DEFAUL
     fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
     try:
         image = Image.open(fp)
+    except UnidentifiedImageError:  # its message names the stream object (<_io.BytesIO object at 0x…>)
+        raise UserError(f"{_describe(source)} is not an image (PNG, JPEG or WebP) Pillow can read; "
+                        f"use a JPEG, PNG or WebP file") from None
     except _DECODE_ERRORS as exc:
         raise UserError(f"{_describe(source)} is not a readable image ({exc}); use a JPEG, PNG or WebP file") from None
     width, height = image.size
@@ -364,6 +367,20 @@ def list_images(raw: Path) -> dict[str, list[Path]]:
 Severity = Literal["error", "warning", "info"]
 FETCH_OR_ADD = "run `transfer-study data fetch` or put images under {raw}/<class>/"
 REEXPORT = "delete it or re-export it as PNG/JPEG/WebP"
+# What to_rgb does to each mode: (kind, words). RGB needs nothing; RGBA only loses its
+# transparency, reported on its own (an LA or P image can need both).
+_GRAY = ("grayscale", "grayscale copied to the three RGB channels")
+_PALETTE = ("palette", "palette colours expanded to RGB")
+_MODE_CONVERSIONS = {
+    "L": _GRAY, "LA": _GRAY, "La": _GRAY, "P": _PALETTE, "PA": _PALETTE,
+    "1": ("grayscale", "black-and-white (1-bit) copied to the three RGB channels"),
+    "CMYK": ("cmyk", "CMYK colours converted to RGB"),
+    "F": ("float", "32-bit float gray clipped to 8 bits"),
+    **{mode: ("16bit", f"16-bit gray ({mode}) scaled down to 8 bits") for mode in _SIXTEEN_BIT_MODES},
+}
+# Reported when the model input is at least this many times the image's longer side: such an
+# image is upscaled at least that much (letterboxing scales the longer side to the input size).
+UPSCALE_REPORT_FACTOR = 2.0
 
 
 @dataclass(frozen=True)
@@ -406,8 +423,34 @@ class _ImageCheck:
     pixel_hash: str | None = None
 
 
-def _check_image(path: Path, label: str, min_side: int) -> _ImageCheck:
-    """Decode one image the way open_rgb does and report what was converted or wrong."""
+def _conversions(mode: str, transparent: bool) -> list[tuple[str, str]]:
+    """What open_rgb does to a decoded image of this mode: (kind, words) per step; [] for plain RGB."""
+    steps = []
+    if mode not in ("RGB", "RGBA", "RGBa"):
+        steps.append(_MODE_CONVERSIONS.get(mode, ("mode", f"{mode} converted to RGB")))
+    if transparent:
+        steps.append(("transparency", "transparency composited onto white"))
+    return steps
+
+
+def _upscale_problem(name: str, width: int, height: int, input_size: int) -> Problem | None:
+    """An info for an image far smaller than the model input, with the size it is upscaled to; else None."""
+    longer = max(width, height)
+    if longer * UPSCALE_REPORT_FACTOR > input_size:
+        return None
+    scale = input_size / longer
+    return Problem(
+        "info", name,
+        f"{width}x{height} is far below the model's {input_size} px input: upscaled at least {scale:.1f}x, "
+        f"to {round(width * scale)}x{round(height * scale)}",
+        "none needed; a larger original gives the model more detail", "upscaled",
+    )
+
+
+def _check_image(path: Path, label: str, min_side: int, input_size: int | None = None) -> _ImageCheck:
+    """Decode one image the way open_rgb does and report what was converted or wrong.
+
+    input_size: the model's input size in px; None: no upscaling report."""
     name = str(path)
     try:
         image = open_lazily(path)
@@ -421,9 +464,8 @@ def _check_image(path: Path, label: str, min_side: int) -> _ImageCheck:
         problems.append(
             Problem("info", name, f"is a {image_format} file despite its name; read anyway", "re-export it as PNG", "format_mismatch")
         )
-    if mode != "RGB" or transparent:
-        detail = f"{mode}{' with transparency, composited onto white' if transparent else ''}"
-        problems.append(Problem("info", name, f"converted to RGB from {detail}", "none needed", "converted"))
+    for kind, words in _conversions(mode, transparent):
+        problems.append(Problem("info", name, words, "none needed", f"converted_{kind}"))
     if orientation != 1:
         problems.append(Problem("info", name, f"rotated per EXIF (orientation {orientation})", "none needed", "exif_rotated"))
     width, height = rgb.size
@@ -434,6 +476,8 @@ def _check_image(path: Path, label: str, min_side: int) -> _ImageCheck:
                 "replace it with a larger image or delete it", "tiny",
             )
         )
+    if input_size and (upscaled := _upscale_problem(name, width, height, input_size)):
+        problems.append(upscaled)
     digest = hashlib.sha256(f"{width}x{height}:".encode() + rgb.tobytes()).hexdigest()
     return _ImageCheck(path, label, problems, width, height, digest)
 
@@ -541,11 +585,13 @@ def _promote_warnings(problems: list[Problem]) -> list[Problem]:
     return [Problem("error", p.path, p.message, p.fix, p.kind) if p.severity == "warning" else p for p in problems]
 
 
-def validate_dataset(raw: Path, params: ValidateParams, strict: bool | None = None, workers: int = 4) -> ValidationReport:
+def validate_dataset(raw: Path, params: ValidateParams, strict: bool | None = None, workers: int = 4,
+                     input_size: int | None = None) -> ValidationReport:
     """Check every file under raw/<class>/ and the class counts; never raises for bad data.
 
-    strict (default params.strict) turns warnings into errors. Returns a ValidationReport whose
-    `fails()` says whether training should stop.
+    strict (default params.strict) turns warnings into errors. input_size (the model's input, px)
+    adds an info for each image far smaller than it. Returns a ValidationReport whose `fails()`
+    says whether training should stop.
     """
     raw = Path(raw)
     strict = params.strict if strict is None else strict
@@ -559,7 +605,7 @@ def validate_dataset(raw: Path, params: ValidateParams, strict: bool | None = No
     jobs = [(path, label) for label, paths in images.items() for path in paths]
     # Pillow releases the GIL while decoding, so threads help on large photos.
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        checks = list(pool.map(lambda job: _check_image(job[0], job[1], params.min_side), jobs))
+        checks = list(pool.map(lambda job: _check_image(job[0], job[1], params.min_side, input_size), jobs))
     for check in checks:
         problems.extend(check.problems)
         if check.pixel_hash is None:
@@ -584,12 +630,17 @@ def write_validation_report(report: ValidationReport, path: Path) -> None:
 
 
 def format_report(report: ValidationReport, show_info: bool = False) -> str:
-    """Human-readable lines: one per error/warning (and info if asked), then a one-line total."""
+    """Human-readable lines: one per error/warning (and per info if asked, else a count per kind),
+    then a one-line total."""
     lines = [
         f"{p.severity.upper()}: {p.path}: {p.message} (fix: {p.fix})"
         for p in report.problems
         if show_info or p.severity != "info"
     ]
+    infos = Counter(p.kind.replace("_", " ") for p in report.by_severity("info"))
+    if infos and not show_info:
+        lines.append(f"info: {', '.join(f'{n} {kind}' for kind, n in sorted(infos.items()))} "
+                     f"(--verbose lists each file)")
     counts = report.summary["problems_by_severity"]
     lines.append(
         f"{report.summary['total_images']} images in {len(report.summary['classes'])} classes, "
@@ -599,15 +650,17 @@ def format_report(report: ValidationReport, show_info: bool = False) -> str:
     return "\n".join(lines)
 
 
-def validate_and_report(raw: Path, out: Path, params: ValidateParams, strict: bool = False) -> ValidationReport:
+def validate_and_report(raw: Path, out: Path, params: ValidateParams, strict: bool = False, verbose: bool = False,
+                        input_size: int | None = None) -> ValidationReport:
     """Stage `data validate`: validate raw, write the JSON report to out, print the findings.
 
-    strict (or params.strict) turns warnings into errors. Raises UserError when the dataset
-    fails, after the report is written, so the user can read every problem.
+    strict (or params.strict) turns warnings into errors; verbose prints every info (each
+    conversion and upscaled image, per file); input_size is the model's input in px. Raises
+    UserError when the dataset fails, after the report is written, so the user can read every problem.
     """
-    report = validate_dataset(raw, params, strict=strict or params.strict)
+    report = validate_dataset(raw, params, strict=strict or params.strict, input_size=input_size)
     write_validation_report(report, out)
-    print(format_report(report))
+    print(format_report(report, show_info=verbose))
     if report.fails():
         errors = len(report.by_severity("error"))
         raise UserError(f"dataset validation failed with {errors} error(s); fix them (see {out}) and run it again")

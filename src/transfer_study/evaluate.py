@@ -22,6 +22,7 @@ from scipy import stats
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score, roc_curve
 
 from .config import EvaluateParams, UserError
+from .cells import Cell
 from .runs import find_run_dirs, read_run_info
 from .tracking import PIPELINE_CURRENT_TAG
 
@@ -242,8 +243,9 @@ def mcnemar(correct_a, correct_b) -> dict:
 
 
 def run_name(info: dict) -> str:
-    """`<arch>-<condition>-s<seed>`: one name per run folder, used in every output."""
-    return f"{info['architecture']}-{info['condition']}-s{info['seed']}"
+    """`<arch>-<condition>-<variant>` (cells.Cell.name): one name per run folder, used in every output."""
+    return Cell(info["architecture"], info["condition"], int(info["seed"]), int(info["repeat"]),
+                float(info["fraction"])).name
 
 
 def read_predictions(path: Path, num_classes: int) -> pd.DataFrame:
@@ -408,10 +410,14 @@ def log_to_mlflow(client, info: dict, metrics: dict[str, float], notes: dict[str
 
 
 def mark_current_runs(client, run_ids: list[str]) -> list[str]:
-    """Tag `run_ids` (the runs this evaluation read) PIPELINE_CURRENT_TAG=true and remove the tag
-    from every other run of their experiments: older runs of the same cells, left by earlier
-    `dvc repro`s, stay in the experiment but drop out of the UI's filter. Gives back the cleared runs."""
-    experiment_ids = sorted({client.get_run(run_id).info.experiment_id for run_id in run_ids})
+    """Tag `run_ids` (the runs this evaluation read) and their parent runs (a study cell's row when
+    it has several runs) PIPELINE_CURRENT_TAG=true, and remove the tag from every other run of
+    their experiments: older runs of the same cells, left by earlier `dvc repro`s, stay in the
+    experiment but drop out of the UI's filter. Gives back the cleared runs."""
+    runs = [client.get_run(run_id) for run_id in run_ids]
+    experiment_ids = sorted({run.info.experiment_id for run in runs})
+    parents = {run.data.tags.get("mlflow.parentRunId") for run in runs} - {None}
+    run_ids = [*run_ids, *sorted(parents)]
     for run_id in run_ids:
         client.set_tag(run_id, PIPELINE_CURRENT_TAG, "true")
     cleared, page_token = [], None
@@ -491,8 +497,12 @@ def evaluate_run(run_dir: Path, out_dirs: dict[str, Path], params: EvaluateParam
 
 def runs_row(run_dir: Path, models_dir: Path, info: dict, split_metrics: dict, test_cis: dict) -> dict:
     """One runs.csv row: identity, where the run folder is, and every split's scalar metrics."""
+    train_per_class = info["train_per_class"]
+    if train_per_class is None:  # a run folder from before run.json recorded it
+        train_per_class = split_metrics.get("train", {}).get("n", 0) / len(info["class_names"])
     row = {"run": run_name(info), "architecture": info["architecture"], "condition": info["condition"],
-           "seed": info["seed"], "run_id": info["run_id"], "model_uri": info["model_uri"],
+           "seed": info["seed"], "repeat": info["repeat"], "fraction": info["fraction"],
+           "train_per_class": train_per_class, "run_id": info["run_id"], "model_uri": info["model_uri"],
            "run_dir": run_dir.relative_to(models_dir).as_posix()}
     for split in SPLITS:
         row[f"n_{split}"] = split_metrics[split]["n"] if split in split_metrics else 0
@@ -509,7 +519,7 @@ def evaluate_runs(models_dir: Path, out_dir: Path, params: EvaluateParams, track
     Writes out_dir/metrics.json (run → split → metric), out_dir/plots/confusion/<run>.csv
     (actual,predicted on test), out_dir/plots/roc/<run>.csv (fpr,tpr,class; macro average
     on test), out_dir/runs/<run>/ (PNGs and classification report, also logged to the
-    run in MLflow) and out_dir/runs.csv, which it also gives back. The runs it read are tagged
+    run in MLflow) and out_dir/runs.csv, which it also gives back. The runs it read (and their parents) are tagged
     `pipeline_current=true`, and no other run of their experiments is (mark_current_runs).
     """
     from mlflow import MlflowClient
@@ -534,4 +544,27 @@ def evaluate_runs(models_dir: Path, out_dir: Path, params: EvaluateParams, track
     (out_dir / "metrics.json").write_text(json.dumps(json_ready(nested), indent=2) + "\n")
     runs = pd.DataFrame(rows)
     runs.to_csv(out_dir / "runs.csv", index=False)
+    log_group_summaries(client, runs, params.confidence)
     return runs
+
+
+def log_group_summaries(client, runs: pd.DataFrame, confidence: float) -> None:
+    """On each study cell's parent run (its runs' `mlflow.parentRunId`), the mean test accuracy and
+    macro-F1 over its seeds and splits at the full training set, with a t-interval: the one row
+    per cell that `mlflow ui` shows at the top."""
+    from mlflow.entities import Metric
+
+    from .analysis import cell_summary
+
+    full = runs[runs["fraction"] == 1.0]
+    if full.groupby(["architecture", "condition"]).size().max() < 2:
+        return  # one run per cell: no parent runs, nothing to summarise
+    now = int(time.time() * 1000)
+    for row in cell_summary(full, confidence).to_dict("records"):
+        members = full[(full["architecture"] == row["architecture"]) & (full["condition"] == row["condition"])]
+        parents = {client.get_run(run_id).data.tags.get("mlflow.parentRunId") for run_id in members["run_id"]}
+        metrics = {"runs": row["n_runs"]} | {f"{m}_{stat}": row[m if stat == "mean" else f"{m}_{stat}"]
+                                             for m in ("test_accuracy", "test_f1_macro")
+                                             for stat in ("mean", "low", "high")}
+        for parent in parents - {None}:
+            client.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if pd.notna(v)])

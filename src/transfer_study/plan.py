@@ -79,8 +79,9 @@ class CellEstimate:
 
 
 def estimate_cell(cell: Cell, t: TrainParams, sizes: SplitSizes, timing: ModelTiming) -> CellEstimate:
-    """How long `cell` trains: train.epochs × (its steps per epoch × a step's seconds + the
-    validation images × a forward pass), plus a forward pass over every image at the end.
+    """How long `cell` trains: train.epochs × (its steps per epoch over its share of the training
+    images (cell.fraction) × a step's seconds + the validation images × a forward pass), plus a
+    forward pass over every image at the end.
 
     A frozen cell's step is its backbone's forward pass under no_grad (the head's share is
     negligible); without augmentation that pass runs once, on cached features, as train.py does.
@@ -88,14 +89,15 @@ def estimate_cell(cell: Cell, t: TrainParams, sizes: SplitSizes, timing: ModelTi
     """
     from .transforms import augments  # imports torch: kept out of `make ui`'s start
 
-    steps = math.ceil(sizes.train / t.batch_size)
+    train_images = round(sizes.train * cell.fraction)
+    steps = math.ceil(train_images / t.batch_size)
     if t.max_batches_per_epoch is not None:
         steps = min(steps, t.max_batches_per_epoch)
     frozen = cell.condition == "frozen"
     cached = frozen and not augments(t.augment) and t.max_batches_per_epoch is None
     step_s = timing.predict_s_per_image * t.batch_size if frozen else timing.train_step_s
     epoch_s = (0.0 if cached else steps * step_s) + sizes.val * timing.predict_s_per_image
-    once_s = ((sizes.train if cached else 0) + sizes.total) * timing.predict_s_per_image
+    once_s = ((train_images if cached else 0) + sizes.total) * timing.predict_s_per_image
     return CellEstimate(cell, t.image_size[cell.architecture], t.batch_size / step_s, epoch_s,
                         t.epochs * epoch_s + once_s)
 
@@ -355,8 +357,8 @@ class DataState:
 
     raw_images: int  # files in raw/<class>/ (0: nothing fetched or copied yet)
     raw_classes: int
+    cropped: Path
     cropped_present: bool
-    manifest: Path
     manifest_sizes: SplitSizes | None
     manifest_classes: int
 
@@ -377,7 +379,7 @@ def read_data_state(params: Params, root: Path) -> DataState:
         sizes = SplitSizes(int(counts.get("train", 0)), int(counts.get("val", 0)), int(counts.get("test", 0)),
                            params.paths.manifest)
         classes = manifest["label"].nunique()
-    return DataState(raw_images, len(class_dirs), cropped.is_dir() and any(cropped.iterdir()), manifest_path, sizes,
+    return DataState(raw_images, len(class_dirs), cropped, cropped.is_dir() and any(cropped.iterdir()), sizes,
                      classes)
 
 
@@ -393,12 +395,12 @@ def planned_sizes(state: DataState, params: Params) -> tuple[SplitSizes, int]:
 
 
 def data_lines(state: DataState, params: Params, skip_data: bool) -> list[str]:
-    """What exists and which stage builds the rest; UserError when the data stages will not run
-    (`--skip-data`) and the manifest is missing."""
+    """What exists and which stage builds the rest; UserError when the stages that build the crops
+    will not run (`--skip-data`) and there are none."""
     p = params.paths
-    if state.manifest_sizes is None and skip_data:
-        raise UserError(f"'{state.manifest}' (paths.manifest) not found and --skip-data skips the stages that "
-                        f"build it; run `dvc repro split` first, or drop --skip-data")
+    if not state.cropped_present and skip_data:
+        raise UserError(f"'{state.cropped}' (paths.cropped) is empty and --skip-data skips the stages that "
+                        f"build it; run `dvc repro preprocess` first, or drop --skip-data")
     lines = [f"{p.raw}: {state.raw_images} images in {state.raw_classes} class folders" if state.raw_images
              else f"{p.raw}: empty; the data fetch stage writes the default dataset (Fashion-MNIST) first"]
     lines.append(f"{p.cropped}: present" if state.cropped_present

@@ -13,6 +13,8 @@ Boxes are (x0, y0, x1, y1) in pixels, x1/y1 exclusive, as PIL's `Image.crop` tak
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +31,7 @@ from .config import ConfigError, PreprocessParams, UserError
 Box = tuple[int, int, int, int]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+CROP_RECORD = "preprocess.json"  # beside the class folders: how the crops were made
 # Boxes are searched on a copy at most this large: much faster on photos. The box can grow by one
 # pixel of the copy per side (blended edge pixels), a few full-size pixels, which the margin dwarfs.
 ANALYSIS_MAX_SIDE = 512
@@ -419,7 +422,42 @@ def preprocess_dataset(raw: Path, out: Path, params: PreprocessParams) -> dict:
     print(describe_summary(summary, out))
     if summary["written"] == 0:
         raise UserError(f"no image in '{raw}' could be preprocessed; see the excluded files above")
+    write_crop_record(out, params, summary)
     return summary
+
+
+def write_crop_record(out: Path, params: PreprocessParams, summary: dict) -> None:
+    """`<out>/preprocess.json`: the settings the crops were made with (the one source of truth that
+    training, the logged params and the served model take their preprocessing from) and the summary."""
+    record = {"preprocess": dataclasses.asdict(params), "summary": summary}
+    tmp = out / f".{CROP_RECORD}.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, out / CROP_RECORD)
+
+
+def read_crop_record(cropped: Path) -> PreprocessParams:
+    """The settings the crops in `cropped` were made with; UserError when there is no readable record."""
+    path = Path(cropped) / CROP_RECORD
+    try:
+        return PreprocessParams(**json.loads(path.read_text())["preprocess"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"'{path}' does not say how the crops in '{cropped}' were made ({exc.__class__.__name__}); "
+                        "rebuild them with `dvc repro preprocess`") from None
+
+
+def check_crops_match(cropped: Path, wanted: PreprocessParams) -> PreprocessParams:
+    """The crops' recorded settings, if they are the ones `wanted` (a profile's preprocess section);
+    else UserError naming each difference and what to rerun, so no model trains, and no served
+    model crops, differently from what it was trained on."""
+    made = read_crop_record(cropped)
+    differences = [f"{f.name}: crops {getattr(made, f.name)!r}, profile {getattr(wanted, f.name)!r}"
+                   for f in dataclasses.fields(PreprocessParams) if getattr(made, f.name) != getattr(wanted, f.name)]
+    if differences:
+        raise UserError(f"the crops in '{cropped}' were made with other preprocess settings than this profile's "
+                        f"({'; '.join(differences)}); make the profile's preprocess section match the one the "
+                        "crops were built with, or rebuild the crops with this profile's settings "
+                        "(`dvc repro preprocess split` after editing params.yaml's preprocess section)")
+    return made
 
 
 def describe_summary(summary: dict, out: Path) -> str:

@@ -1,5 +1,5 @@
 """The `report` stage: Table 1 with confidence intervals, the side-by-side with the
-study, Figure 1 and paired McNemar tests, all in `reports/`.
+study (on the study's data only), Figure 1 and paired McNemar tests, all in `reports/`.
 
 The study compares single runs whose accuracies differ by fractions of a point. This
 report says, for every pair of cells, whether such a difference can be told apart
@@ -12,15 +12,19 @@ import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .config import ARCHITECTURES, CONDITIONS, EvaluateParams, UserError
+from .config import ARCHITECTURES, CONDITIONS, DEFAULT_DATASET_MD5, DataParams, EvaluateParams, UserError
 from .evaluate import (BATCH_METRICS, bootstrap_distribution, classification_metrics, mcnemar,
                        percentile_interval, read_predictions, split_arrays)
 from .runs import read_run_info
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # Table 1 column → evaluate's metric name, in the study's column order (plus AUC).
 TABLE_METRICS = {"f1": "f1_macro", "accuracy": "accuracy", "precision": "precision_macro",
@@ -32,6 +36,7 @@ PRETRAINED = ("frozen", "finetune")
 ALPHA = 0.05
 DASH = "—"
 NOISE = "not distinguishable from noise on {n} test images"
+STUDY_CLASSES = DataParams().classes  # the default dataset's classes, the study's six garments
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class RunTestSet:
     y_true: np.ndarray
     y_pred: np.ndarray
     proba: np.ndarray
+    class_names: tuple[str, ...] = ()
 
     @property
     def correct(self) -> pd.Series:
@@ -61,7 +67,8 @@ def read_runs_table(evaluation_dir: Path) -> pd.DataFrame:
     if not path.is_file():
         raise UserError(f"'{path}' not found; run `dvc repro evaluate` first")
     runs = pd.read_csv(path)
-    missing = [c for c in ("run", "architecture", "condition", "seed", "run_dir") if c not in runs.columns]
+    missing = [c for c in ("run", "architecture", "condition", "seed", "repeat", "fraction", "run_dir")
+               if c not in runs.columns]
     if missing or runs.empty:
         raise UserError(f"'{path}' lacks runs or column(s) {', '.join(missing)}; rerun `dvc repro evaluate`")
     return runs
@@ -76,7 +83,8 @@ def read_test_sets(runs: pd.DataFrame, models_dir: Path) -> dict[str, RunTestSet
         predictions = read_predictions(run_dir / "predictions.csv", len(info["class_names"]))
         y_true, y_pred, proba = split_arrays(predictions, "test")
         paths = predictions.loc[predictions["split"] == "test", "path"].to_numpy()
-        test_sets[row.run] = RunTestSet(row.run, int(row.seed), paths, y_true, y_pred, proba)
+        test_sets[row.run] = RunTestSet(row.run, int(row.seed), paths, y_true, y_pred, proba,
+                                        tuple(info["class_names"]))
     return test_sets
 
 
@@ -295,8 +303,8 @@ def method_text(table: pd.DataFrame, params: EvaluateParams) -> str:
     return text
 
 
-def precision_text(table: pd.DataFrame, study: pd.DataFrame, params: EvaluateParams) -> str:
-    """What CI half-width the test set size implies, against the study's smallest gap."""
+def precision_text(table: pd.DataFrame, study: pd.DataFrame | None, params: EvaluateParams) -> str:
+    """What CI half-width the test set size implies, against the study's smallest gap (None: your data)."""
     n_images = int(table["n_test"].min())
     accuracy = float(table["accuracy"].mean())
     level = f"{params.confidence:.0%}"
@@ -304,18 +312,21 @@ def precision_text(table: pd.DataFrame, study: pd.DataFrame, params: EvaluatePar
     text = (f"With N = {n_images} test images, a {level} interval on an accuracy near {accuracy:.2f} has a "
             f"half-width of about ±{near * 100:.1f} points (±{worst * 100:.1f} at 0.50): differences between cells "
             f"smaller than about that are {NOISE.format(n=n_images)}.")
-    gap = smallest_study_gap(study)
+    gap = smallest_study_gap(study) if study is not None else None
     if gap is not None:
         text += (f" The study's smallest gap, {gap[1]} vs {gap[2]}, is {gap[0] * 100:.2f} points, "
                  f"far inside that margin: one test set of this size cannot tell such cells apart.")
     return text
 
 
-def table1_markdown(table: pd.DataFrame, pairs: pd.DataFrame, study: pd.DataFrame, params: EvaluateParams) -> str:
+def table1_markdown(table: pd.DataFrame, pairs: pd.DataFrame, study: pd.DataFrame | None,
+                    params: EvaluateParams) -> str:
+    """Table 1 and which differences are noise; titled "(reproduced)" on the study's data, "your data" otherwise."""
     header = ["model", "condition", "seeds", "F1", "accuracy", "precision", "recall", "AUC"]  # TABLE_METRICS order
     rows = [[r["architecture"], r["condition"], str(r["seeds"]), *[cell_text(r, label) for label in TABLE_METRICS]]
             for _, r in table.iterrows()]
-    parts = ["# Table 1 (reproduced): test-set metrics by model and condition\n",
+    title = "Table 1 (reproduced)" if study is not None else "Table 1 \u2014 your data"
+    parts = [f"# {title}: test-set metrics by model and condition\n",
              method_text(table, params) + "\n", markdown_table(header, rows),
              "## How precise is one test set?\n", precision_text(table, study, params) + "\n",
              "## Which differences can be told apart?\n"]
@@ -357,6 +368,19 @@ def comparison_markdown(comparison: pd.DataFrame, params: EvaluateParams) -> str
     return intro + "\n" + markdown_table(header, rows)
 
 
+def your_data_markdown(class_names: list[str], stale_data_dvc: bool) -> str:
+    """comparison.md for runs on other data than the default dataset: why there is no side-by-side."""
+    text = ("# Side by side with the study's Table 1\n\n"
+            "Not made for these runs: the comparison with the study applies only to the study's dataset, the "
+            f"default one (Fashion-MNIST's six garment classes, version {DEFAULT_DATASET_MD5} in data.dvc). "
+            f"These runs were trained on your data (classes: {', '.join(class_names)}), so table1.md and "
+            "figure1.png show your data alone.\n")
+    if stale_data_dvc:
+        text += ("\ndata.dvc still records the default dataset, but the runs were trained on other classes: "
+                 "record your data with `dvc commit --force data.dvc`, then `git commit data.dvc`.\n")
+    return text
+
+
 def mcnemar_markdown(tests: pd.DataFrame) -> str:
     intro = ("# Paired tests: scratch vs pretrained\n\n"
              "McNemar's test on the same test images (matched by path): b = images scratch gets right and the "
@@ -373,9 +397,9 @@ def mcnemar_markdown(tests: pd.DataFrame) -> str:
     return intro + "\n" + markdown_table(header, rows)
 
 
-def save_figure1(table: pd.DataFrame, test_sets: dict[str, RunTestSet], runs: pd.DataFrame,
-                 study: pd.DataFrame, path: Path, confidence: float) -> None:
-    """Test accuracy by model and condition: bars with CI error bars, seed dots, study markers."""
+def figure1(table: pd.DataFrame, test_sets: dict[str, RunTestSet], runs: pd.DataFrame,
+            study: pd.DataFrame | None, confidence: float) -> Figure:
+    """Test accuracy by model and condition: bars with CI error bars, seed dots, study markers (None: none)."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
     archs = list(dict.fromkeys(table["architecture"]))
@@ -393,31 +417,42 @@ def save_figure1(table: pd.DataFrame, test_sets: dict[str, RunTestSet], runs: pd
             cell_runs = runs[(runs["architecture"] == arch) & (runs["condition"] == condition)]["run"]
             seeds = [np.mean(test_sets[r].y_true == test_sets[r].y_pred) for r in cell_runs]
             ax.plot([xi] * len(seeds), seeds, "k.", markersize=4)
+            if study is None:
+                continue
             published = study[(study["architecture"] == arch) & (study["condition"] == condition)]
             if not published.empty:
                 ax.plot(xi, published["accuracy"].iloc[0], "rx", markersize=8)
-    ax.plot([], [], "rx", label="study (one run)")
+    if study is not None:
+        ax.plot([], [], "rx", label="study (one run)")
     ax.set_xticks(range(len(archs)), archs)
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
-    ax.set_title(f"Test accuracy with {confidence:.0%} bootstrap intervals")
+    ax.set_title(f"Test accuracy{'' if study is not None else ' on your data'} with {confidence:.0%} "
+                 "bootstrap intervals")
     ax.legend(loc="lower right", fontsize="small")
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 def write_report(evaluation_dir: Path, models_dir: Path, reports_dir: Path, study_table: Path,
-                 params: EvaluateParams) -> None:
-    """Write table1.md/.csv, comparison.md/.csv, figure1.png and mcnemar.md/.csv to reports_dir.
+                 params: EvaluateParams, *, is_study_data: bool) -> None:
+    """Write table1.md/.csv, pairs.csv, comparison.md (and .csv), figure1.png and mcnemar.md/.csv to reports_dir.
 
-    Reads the evaluate stage's runs.csv, each run's test predictions from its run
-    folder under models_dir, and the study's published Table 1 (study_table).
+    Reads the evaluate stage's runs.csv, each run's test predictions from its run folder under
+    models_dir and, when the runs were trained on the study's data, the study's published Table 1
+    (study_table). is_study_data: whether data.dvc records the default dataset
+    (config.DEFAULT_DATASET_MD5). Otherwise, or when the runs' classes are not the study's, the
+    report says "your data" and compares nothing with the study.
     """
-    runs = read_runs_table(evaluation_dir)
-    study = read_study_table(study_table)
+    all_runs = read_runs_table(evaluation_dir)
+    # Table 1, its pairs and McNemar compare runs on one test set: the study's split at full size.
+    runs = all_runs[(all_runs["repeat"] == 0) & (all_runs["fraction"] == 1.0)]
     test_sets = read_test_sets(runs, models_dir)
+    class_names = sorted({c for t in test_sets.values() for c in t.class_names})
+    # data.dvc left at the default version after data/raw was replaced must not bring the study in.
+    stale_data_dvc = is_study_data and set(class_names) != set(STUDY_CLASSES)
+    study = read_study_table(study_table) if is_study_data and not stale_data_dvc else None
     table = summarise_cells(runs, test_sets, params)
     pairs = compare_cells(table, runs, test_sets)
-    comparison = compare_with_study(table, study)
     tests = scratch_vs_pretrained(runs, test_sets)
 
     reports_dir = Path(reports_dir)
@@ -425,8 +460,46 @@ def write_report(evaluation_dir: Path, models_dir: Path, reports_dir: Path, stud
     table.to_csv(reports_dir / "table1.csv", index=False)
     (reports_dir / "table1.md").write_text(table1_markdown(table, pairs, study, params))
     pairs.to_csv(reports_dir / "pairs.csv", index=False)
-    comparison.to_csv(reports_dir / "comparison.csv", index=False)
-    (reports_dir / "comparison.md").write_text(comparison_markdown(comparison, params))
+    if study is not None:
+        comparison = compare_with_study(table, study)
+        comparison.to_csv(reports_dir / "comparison.csv", index=False)
+        (reports_dir / "comparison.md").write_text(comparison_markdown(comparison, params))
+    else:
+        (reports_dir / "comparison.csv").unlink(missing_ok=True)  # a study-data report's, now stale
+        (reports_dir / "comparison.md").write_text(your_data_markdown(class_names, stale_data_dvc))
     tests.to_csv(reports_dir / "mcnemar.csv", index=False)
     (reports_dir / "mcnemar.md").write_text(mcnemar_markdown(tests))
-    save_figure1(table, test_sets, runs, study, reports_dir / "figure1.png", params.confidence)
+    figure1(table, test_sets, runs, study, params.confidence).savefig(reports_dir / "figure1.png", dpi=120)
+    write_repeated_analysis(all_runs, reports_dir, study, params.confidence)
+
+
+def write_repeated_analysis(runs: pd.DataFrame, reports_dir: Path, study: pd.DataFrame | None,
+                            confidence: float) -> None:
+    """Across seeds, splits and training sizes: across_runs.md/.csv (mean and t-interval per cell
+    and size), learning_curve.csv/.png (accuracy against training images per class) and
+    conclusion.md, the written answer (analysis.py, curves.py, conclusion.py)."""
+    from .analysis import cell_summary
+    from .conclusion import write_conclusion
+    from .curves import curve_points, save_curve_figure, write_curve_csv
+
+    summary = cell_summary(runs, confidence)
+    summary.to_csv(reports_dir / "across_runs.csv", index=False)
+    (reports_dir / "across_runs.md").write_text(across_runs_markdown(summary, confidence))
+    points = curve_points(runs, confidence)
+    write_curve_csv(points, reports_dir / "learning_curve.csv")
+    save_curve_figure(points, reports_dir / "learning_curve.png", confidence)
+    write_conclusion(runs, study, reports_dir / "conclusion.md", is_study_data=study is not None,
+                     confidence=confidence)
+
+
+def across_runs_markdown(summary: pd.DataFrame, confidence: float) -> str:
+    """The across-run table: each cell's mean test accuracy and macro-F1 over seeds × splits, per size."""
+    rows = [[f"{r.architecture}", f"{r.condition}", f"{r.train_per_class:g}", str(r.n_runs),
+             f"{fmt(r.test_accuracy)} [{fmt(r.test_accuracy_low)}, {fmt(r.test_accuracy_high)}]",
+             f"{fmt(r.test_f1_macro)} [{fmt(r.test_f1_macro_low)}, {fmt(r.test_f1_macro_high)}]"]
+            for r in summary.itertuples()]
+    header = ["model", "condition", "train images per class", "runs",
+              f"test accuracy [{confidence:.0%} t-interval over runs]", "test macro-F1 [interval]"]
+    return ("# Across seeds and splits\n\nEach run is one seed on one stratified split; the interval is a "
+            "t-interval over the runs (blank for a single run). See conclusion.md for the paired "
+            "comparison.\n\n" + markdown_table(header, rows) + "\n")

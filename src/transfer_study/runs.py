@@ -1,14 +1,20 @@
 """The run folder: what the train stage leaves for each cell, and the one place that knows its format.
 
-`<outputs>/models/<arch>-<condition>/s<seed>/`:
+`<outputs>/models/<arch>-<condition>/<variant>/`, the variant `s<seed>` with `-r<repeat>` and
+`-f<fraction>` when those are not the study's 0 and 1 (cells.Cell):
 - `best.pt`, `last.pt`: `{"model": state_dict, "epoch", "val_acc", "class_names"}`, each with a
   `.sha256` beside it (checkpoints.py);
 - `run.json`: `{"run_id", "experiment_id", "run_name", "architecture", "condition", "seed",
-  "class_names", "image_size", "checkpoint" ("best"|"last"), "model_uri", "fingerprint"}`;
+  "repeat", "fraction", "train_per_class", "class_names", "image_size", "checkpoint"
+  ("best"|"last"), "model_uri", "fingerprint"}`;
 - `history.csv`: one row per epoch (epoch, train_loss, train_acc, val_loss, val_acc, seconds);
 - `metrics.json`: best/last validation accuracy, epochs and training seconds (DVC metrics);
 - `predictions.csv`: the chosen checkpoint's predictions on every manifest row: `path, split,
   label, pred, prob_0 … prob_{K-1}` (label/pred index into `class_names`).
+
+A cell listed in train.exclude gets `<outputs>/models/<arch>-<condition>/EXCLUDED` instead (no
+run folder): dvc.yaml's train matrix makes a stage for every arch × condition and each must
+leave its out.
 """
 
 from __future__ import annotations
@@ -19,15 +25,30 @@ from pathlib import Path
 from .config import UserError
 
 RUN_JSON = "run.json"
-RUN_JSON_KEYS = ("run_id", "experiment_id", "run_name", "architecture", "condition", "seed", "class_names",
-                 "image_size", "checkpoint", "model_uri", "fingerprint")
+EXCLUDED = "EXCLUDED"
+RUN_JSON_KEYS = ("run_id", "experiment_id", "run_name", "architecture", "condition", "seed", "repeat",
+                 "fraction", "train_per_class", "class_names", "image_size", "checkpoint", "model_uri",
+                 "fingerprint")
 # What readers need; the other keys are written for people and MLflow.
 REQUIRED_KEYS = ("run_id", "architecture", "condition", "seed", "class_names", "model_uri")
 
 
-def run_dir_for(models_dir: Path, architecture: str, condition: str, seed: int) -> Path:
-    """`<models_dir>/<arch>-<condition>/s<seed>`: the folder of one cell's run."""
-    return Path(models_dir) / f"{architecture}-{condition}" / f"s{seed}"
+def run_dir_for(models_dir: Path, group: str, variant: str) -> Path:
+    """`<models_dir>/<arch>-<condition>/<variant>`: the folder of one cell's run (cells.Cell names both)."""
+    return Path(models_dir) / group / variant
+
+
+def cell_dir(models_dir: Path, architecture: str, condition: str) -> Path:
+    """`<models_dir>/<arch>-<condition>`: the folder of a cell's runs, dvc.yaml's train out."""
+    return Path(models_dir) / f"{architecture}-{condition}"
+
+
+def mark_excluded(models_dir: Path, architecture: str, condition: str) -> Path:
+    """Write `<models_dir>/<arch>-<condition>/EXCLUDED` for a cell in train.exclude; returns the folder."""
+    folder = cell_dir(models_dir, architecture, condition)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / EXCLUDED).write_text(f"{architecture}-{condition} is listed in train.exclude: nothing was trained.\n")
+    return folder
 
 
 def write_run_info(run_dir: Path, info: dict) -> None:
@@ -56,4 +77,4 @@ def read_run_info(run_dir: Path) -> dict:
     missing = [key for key in REQUIRED_KEYS if key not in info]
     if missing:
         raise UserError(f"'{path}' lacks {', '.join(missing)}; rerun `dvc repro train` for this run")
-    return info
+    return {"repeat": 0, "fraction": 1.0, "train_per_class": None} | info  # run folders from before repeats

@@ -1,7 +1,14 @@
-"""Stage `split`: a seeded, stratified train/val/test split of the crops, written as a manifest CSV.
+"""Stage `split`: seeded, stratified train/val/test splits of the crops, written as a manifest CSV.
 
 Rows are grouped by content hash, so identical images never land in two splits, and images
 whose content appears under two different labels are excluded (their label is ambiguous).
+
+The manifest's `split` column is repeat 0, the one split the study profile trains on. With
+`split.repeats` > 1 it gains `split_r1`, `split_r2`, ... (further stratified splits), and with a
+`split.train_fractions` below 1 a `train_rank_r<k>` column per repeat: a random order of each
+class's train images, so a fraction f keeps the first round(f · n) of them. Subsets are therefore
+nested and stratified, and val/test stay the same across fractions of a repeat. `rows_for` picks
+one training cell's rows.
 """
 
 from __future__ import annotations
@@ -19,8 +26,11 @@ from transfer_study.config import SplitParams, UserError
 
 SPLITS = ("train", "val", "test")
 EXCLUDED = "excluded"  # split value of rows left out because their content has two labels
+UNUSED = "unused"  # split value, in a cell's manifest, of training rows beyond its training fraction
 MANIFEST_COLUMNS = ["path", "label", "split", "sha256"]
 MIN_PER_CLASS = len(SPLITS)
+SPLIT_COLUMN = "split_r{repeat}"  # repeat 0 is the plain `split` column
+RANK_COLUMN = "train_rank_r{repeat}"
 
 
 def split_sizes(n: int, params: SplitParams) -> dict[str, int]:
@@ -54,13 +64,18 @@ def _split_class(hashes: list[str], params: SplitParams, rng: np.random.RandomSt
     return {**dict.fromkeys(train, "train"), **dict.fromkeys(val, "val"), **dict.fromkeys(test, "test")}
 
 
-def stratified_split(items: pd.DataFrame, params: SplitParams) -> pd.DataFrame:
+def _split_rng(seed: int, repeat: int) -> np.random.RandomState:
+    """Repeat 0 draws from RandomState(seed), as the single split always has; repeat k from (seed, k)."""
+    return np.random.RandomState(seed if repeat == 0 else [seed, repeat])
+
+
+def stratified_split(items: pd.DataFrame, params: SplitParams, repeat: int = 0) -> pd.DataFrame:
     """Split rows with columns path, label, sha256 into train/val/test, stratified by label.
 
     Returns a copy of items (same order) with a `split` column. Identical contents (same sha256)
     always share a split; rows whose sha256 appears under two labels get split "excluded".
-    Seeded by params.seed and independent of the input row order. Raises UserError if a class
-    has fewer than 3 distinct images.
+    Seeded by params.seed and `repeat` (repeat 0 is the split params.seed has always given) and
+    independent of the input row order. Raises UserError if a class has fewer than 3 distinct images.
     """
     missing = {"path", "label", "sha256"} - set(items.columns)
     if missing:
@@ -75,7 +90,7 @@ def stratified_split(items: pd.DataFrame, params: SplitParams) -> pd.DataFrame:
                 f"for train/val/test; add images to it or remove its folder"
             )
     # One RandomState drawn from in sorted label order keeps the whole split a function of the seed.
-    rng = np.random.RandomState(params.seed)
+    rng = _split_rng(params.seed, repeat)
     split_of: dict[str, str] = dict.fromkeys(ambiguous, EXCLUDED)
     for hashes in hashes_by_label.values():
         split_of.update(_split_class(hashes, params, rng))
@@ -83,6 +98,100 @@ def stratified_split(items: pd.DataFrame, params: SplitParams) -> pd.DataFrame:
     result["split"] = result["sha256"].map(split_of)
     return result
 
+
+def train_ranks(split: pd.DataFrame, seed: int, repeat: int) -> pd.Series:
+    """Each train row's place (0, 1, ...) in a random order of its class's distinct train contents.
+
+    `split` has columns label, sha256, split. Copies of one content share a rank; rows outside
+    train get <NA>. The order comes from its own stream, (seed, repeat, 1), so adding ranks
+    leaves the splits untouched, and it does not depend on the row order.
+    """
+    rng = np.random.RandomState([seed, repeat, 1])
+    train = split[split["split"] == "train"]
+    rank_of: dict[str, int] = {}
+    for _, group in train.groupby("label", sort=True):
+        hashes = sorted(set(group["sha256"]))
+        rank_of.update(zip((hashes[i] for i in rng.permutation(len(hashes))), range(len(hashes))))
+    ranks = split["sha256"].map(rank_of).where(split["split"] == "train")
+    return ranks.astype("Int64")
+
+
+def subset_size(n_train: int, fraction: float) -> int:
+    """Distinct train images one class keeps at `fraction` of its n_train: rounded, at least one."""
+    return max(1, min(n_train, math.floor(n_train * fraction + 0.5)))
+
+
+def manifest_frame(items: pd.DataFrame, params: SplitParams) -> pd.DataFrame:
+    """stratified_split for every repeat, as manifest columns: `split` (repeat 0), `split_r<k>`
+    (k >= 1) and, when a train fraction is below 1, `train_rank_r<k>` for every repeat."""
+    result = stratified_split(items, params)
+    for repeat in range(1, params.repeats):
+        result[SPLIT_COLUMN.format(repeat=repeat)] = stratified_split(items, params, repeat)["split"]
+    if min(params.train_fractions) < 1:
+        for repeat in range(params.repeats):
+            splits = result.assign(split=result[_split_column(repeat)])
+            result[RANK_COLUMN.format(repeat=repeat)] = train_ranks(splits, params.seed, repeat)
+    return result
+
+
+def _split_column(repeat: int) -> str:
+    return "split" if repeat == 0 else SPLIT_COLUMN.format(repeat=repeat)
+
+
+def repeats_in(manifest: pd.DataFrame) -> int:
+    """How many repeats a manifest holds (1 when it has only the `split` column)."""
+    repeat = 1
+    while SPLIT_COLUMN.format(repeat=repeat) in manifest.columns:
+        repeat += 1
+    return repeat
+
+
+def rows_for(manifest: pd.DataFrame, repeat: int, fraction: float) -> pd.DataFrame:
+    """The rows one training cell uses: repeat `repeat`'s split, its train split cut to `fraction`.
+
+    Returns columns path, label, sha256, split (that repeat's train/val/test), in manifest order,
+    with the train rows beyond the fraction left out; val and test are the repeat's whole val
+    and test splits, the same at every fraction. Repeat 0 at fraction 1.0 is the manifest's own
+    `split` column. Raises UserError if the manifest lacks the repeat or the ranks the fraction needs.
+    """
+    if not 0 < fraction <= 1:
+        raise UserError(f"train fraction {fraction!r} is not in (0, 1]; check split.train_fractions")
+    column = _split_column(repeat)
+    if repeat < 0 or column not in manifest.columns:
+        raise UserError(
+            f"the split manifest has {repeats_in(manifest)} repeat(s), so there is no repeat {repeat}; "
+            f"set split.repeats to at least {repeat + 1} and rerun `dvc repro split`"
+        )
+    rows = manifest[["path", "label", "sha256"]].assign(split=manifest[column])
+    if fraction == 1:
+        return rows.reset_index(drop=True)
+    rank_column = RANK_COLUMN.format(repeat=repeat)
+    if rank_column not in manifest.columns:
+        raise UserError(
+            f"the split manifest has no training subsets (column {rank_column}); list a fraction below 1 "
+            f"in split.train_fractions and rerun `dvc repro split`"
+        )
+    rank = manifest[rank_column]
+    train = rows["split"] == "train"
+    n_train = rows[train].groupby("label")["sha256"].nunique()
+    keep = rank < rows["label"].map(lambda label: subset_size(int(n_train.get(label, 0)), fraction))
+    return rows[~train | keep.fillna(False).astype(bool)].reset_index(drop=True)
+
+
+def cell_manifest(manifest: pd.DataFrame, repeat: int, fraction: float) -> pd.DataFrame:
+    """Every manifest row (path, label, sha256) with the `split` one training cell uses (rows_for);
+    training rows left out by the fraction are marked UNUSED, so stores and predictions keep
+    every row while training and evaluation see only their own."""
+    chosen = rows_for(manifest, repeat, fraction).set_index("path")["split"]
+    cell = manifest[MANIFEST_COLUMNS].copy()
+    cell["split"] = manifest["path"].map(chosen).fillna(UNUSED)
+    return cell
+
+
+def train_images_per_class(rows: pd.DataFrame) -> float:
+    """Train rows per class in rows_for's result: the learning curve's x value."""
+    train = rows[rows["split"] == "train"]
+    return len(train) / train["label"].nunique()
 
 
 
@@ -116,19 +225,25 @@ def count_table(manifest: pd.DataFrame) -> pd.DataFrame:
 def write_manifest(cropped: Path, manifest: Path, params: SplitParams) -> pd.DataFrame:
     """Hash and split the crops in cropped/<class>/*.png and write the manifest CSV.
 
-    The CSV has columns path, label, split, sha256, sorted by label then path; excluded rows
-    (content under two labels) are left out of it and listed on stdout, with a per-class/per-split
-    count table. Returns the rows written.
+    The CSV has columns path, label, split, sha256 (split: repeat 0), then any split_r<k> and
+    train_rank_r<k> columns (see manifest_frame), sorted by label then path; excluded rows (content
+    under two labels) are left out of it and listed on stdout, with a per-class/per-split count
+    table of repeat 0. Returns the rows written.
     """
-    split = stratified_split(scan_crops(cropped), params)
+    split = manifest_frame(scan_crops(cropped), params)
     excluded = split[split["split"] == EXCLUDED]
     written = split[split["split"] != EXCLUDED].sort_values(["label", "path"]).reset_index(drop=True)
     manifest = Path(manifest)
     manifest.parent.mkdir(parents=True, exist_ok=True)
     tmp = manifest.with_name(f".{manifest.name}.tmp")
-    written[MANIFEST_COLUMNS].to_csv(tmp, index=False, lineterminator="\n")
+    extra = [c for c in written.columns if c.startswith(("split_r", "train_rank_r"))]
+    written[MANIFEST_COLUMNS + extra].to_csv(tmp, index=False, lineterminator="\n")
     os.replace(tmp, manifest)
     print(count_table(written).to_string())
+    if params.repeats > 1 or params.train_fractions != (1.0,):
+        sizes = ", ".join(f"{f:g}: {train_images_per_class(rows_for(written, 0, f)):g}"
+                          for f in sorted(params.train_fractions))
+        print(f"{params.repeats} split repeat(s); train images per class (repeat 0) at each fraction: {sizes}")
     if len(excluded):
         print(f"excluded {len(excluded)} image(s) whose content appears under two labels:")
         for row in excluded.sort_values(["sha256", "path"]).itertuples():

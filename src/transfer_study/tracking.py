@@ -14,6 +14,7 @@ store before the connection dropped logs nothing twice (the store ignores identi
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -181,16 +182,20 @@ class RunTracker:
 
     @classmethod
     def start(cls, tracking_uri: str, experiment_id: str, run_name: str, run_id: str | None = None,
-              policy: RetryPolicy = RetryPolicy()) -> RunTracker:
-        """Create a run, or continue run_id (any status but deleted), and make it the active run."""
+              policy: RetryPolicy = RetryPolicy(), tags: dict[str, str] | None = None) -> RunTracker:
+        """Create a run (with `tags`), or continue run_id (any status but deleted), and make it the active run."""
         import mlflow
+        from mlflow.tracking import MlflowClient
+        from mlflow.tracking.context.registry import resolve_tags
 
         mlflow.set_tracking_uri(tracking_uri)
-        run = call_with_retry(
-            "start run",
-            lambda: mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, experiment_id=experiment_id),
-            policy,
-        )
+        if run_id is None:
+            # Created here, in experiment_id: mlflow.start_run() without a run_id would continue
+            # $MLFLOW_RUN_ID instead, which `mlflow run` sets to its own run (in another experiment).
+            client = MlflowClient(tracking_uri)
+            run_id = call_with_retry("create run", lambda: client.create_run(
+                experiment_id, run_name=run_name, tags=resolve_tags(tags)).info.run_id, policy)
+        run = call_with_retry("start run", lambda: mlflow.start_run(run_id=run_id), policy)
         return cls(run.info.run_id, tracking_uri, policy)
 
     def _call(self, what: str, call: Callable[[], T]) -> T:
@@ -302,16 +307,33 @@ class CellRun:
     tags: dict[str, str]
 
 
+def _check_not_deleted(tracking_uri: str, run_id: str) -> None:
+    """Raise MlflowException when run_id is deleted: MLflow refuses to continue it with an
+    INTERNAL_ERROR, which call_with_retry would take for an unreachable store and retry."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    run = call_with_retry("read run", lambda: MlflowClient(tracking_uri).get_run(run_id))
+    if run.info.lifecycle_stage == "deleted":
+        raise MlflowException("the run is deleted", error_code="INVALID_STATE")
+
+
 def start_cell_run(tracking_uri: str, spec: CellRun, resume_run_id: str | None,
-                   resume_dir: Path) -> tuple[RunTracker, str]:
+                   resume_dir: Path, parent: str | None = None) -> tuple[RunTracker, str]:
     """Start the cell's MLflow run, or continue `resume_run_id` (an interrupted attempt's);
-    returns the tracker and the experiment id. Raises UserError naming `resume_dir` (the
-    resume state to delete) when that run cannot be continued."""
+    returns the tracker and the experiment id. With `parent` (a study cell's name), the run is
+    nested under that cell's parent run, made once per experiment and params. Raises UserError
+    naming `resume_dir` (the resume state to delete) when that run cannot be continued."""
     from mlflow.exceptions import MlflowException
 
     experiment_id = ensure_experiment(tracking_uri, spec.experiment, artifact_location_for(tracking_uri))
+    tags = {}
+    if parent is not None and resume_run_id is None:
+        tags["mlflow.parentRunId"] = parent_run(tracking_uri, experiment_id, parent, spec.params)
     try:
-        tracker = RunTracker.start(tracking_uri, experiment_id, spec.run_name, resume_run_id)
+        if resume_run_id is not None:
+            _check_not_deleted(tracking_uri, resume_run_id)
+        tracker = RunTracker.start(tracking_uri, experiment_id, spec.run_name, resume_run_id, tags=tags)
     except MlflowException as exc:  # the run was deleted, or this is another store
         if resume_run_id is None:
             raise
@@ -328,6 +350,32 @@ def dataset_digest(data_md5: str, manifest) -> str:
     return f"{data_md5[:12]}-{hashlib.sha256(rows.encode()).hexdigest()[:12]}"
 
 
+# The params that make runs of one study cell comparable: one parent run per cell and value of these.
+PARENT_KEYS = ("train.epochs", "train.batch_size", "train.lr", "train.weight_decay", "train.augment",
+               "train.image_size", "train.checkpoint", "preprocess", "split.train", "split.val", "split.seed")
+
+
+def parent_run(tracking_uri: str, experiment_id: str, cell: str, params: dict[str, str]) -> str:
+    """The id of study cell `cell`'s parent run for these params, created (FINISHED, no metrics
+    until evaluation) the first time. Its children are the cell's runs over seeds, splits, sizes."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    relevant = {k: v for k, v in sorted(params.items()) if k.startswith(PARENT_KEYS)}
+    key = hashlib.sha256(json.dumps(relevant).encode()).hexdigest()[:12]
+    client = MlflowClient(tracking_uri)
+    query = f"tags.study_cell = '{cell}' and tags.study_cell_params = '{key}'"
+    found = call_with_retry("find parent run", lambda: client.search_runs([experiment_id], query, max_results=1))
+    if found:
+        return found[0].info.run_id
+    run = call_with_retry("create parent run", lambda: client.create_run(
+        experiment_id, run_name=cell, tags={"study_cell": cell, "study_cell_params": key, "parent": "true"}))
+    call_with_retry("log parent params", lambda: client.log_batch(
+        run.info.run_id, params=[Param(k, v) for k, v in relevant.items()]))
+    call_with_retry("finish parent run", lambda: client.set_terminated(run.info.run_id, "FINISHED"))
+    return run.info.run_id
+
+
 def git_commit(root: Path) -> str:
     """The checked-out commit of `root`, or "unknown" outside git."""
     try:
@@ -335,14 +383,3 @@ def git_commit(root: Path) -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def dataset_hash(root: Path) -> str:
-    """The md5 DVC recorded for data/raw (data.dvc), so a run names its dataset version."""
-    import yaml
-
-    dvc_file = root / "data.dvc"
-    if dvc_file.is_file():
-        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
-        return str(outs[0].get("md5", "unknown"))
-    return "unknown"

@@ -1,8 +1,17 @@
 """The training step loop of one cell on one device (one rank under DDP): the model of a
-condition, its optimiser, an epoch over uint8 batches, and prediction."""
+condition, its optimiser, an epoch over uint8 batches, and prediction.
+
+Built for the GPU and correct on any device: loss and accuracy are summed on the device and
+read once per epoch (no host sync per step); Adam is fused on CUDA; and on one CUDA GPU the
+whole fixed-shape step (augment, forward, backward, optimiser) is captured once in a CUDA
+graph and replayed (`StepGraph`), which removes the launch overhead that dominates small
+batches. Last, smaller batches of an epoch run eagerly through the same function.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +23,39 @@ from . import distributed, models
 from .cells import Cell
 from .config import Params
 from .distributed import SINGLE_PROCESS, World
-from .transforms import GpuAugment, model_input, normalize, to_model_input
+from .transforms import DeviceAugment, model_input, normalize, to_model_input
+
+PREDICT_BATCH = 256  # validation and prediction: no gradients, so large batches
+GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before capture, as CUDA graphs require
 
 
-def loss_of(outputs, labels: torch.Tensor, aux_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_of(outputs, labels: torch.Tensor, aux_weight: float,
+            label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy on the main output, plus aux_weight × the aux loss when Inception gives one."""
     if isinstance(outputs, tuple):
         logits, aux = outputs
-        return F.cross_entropy(logits, labels) + aux_weight * F.cross_entropy(aux, labels), logits
-    return F.cross_entropy(outputs, labels), outputs
+        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        return loss + aux_weight * F.cross_entropy(aux, labels, label_smoothing=label_smoothing), logits
+    return F.cross_entropy(outputs, labels, label_smoothing=label_smoothing), outputs
+
+
+def learning_rate(schedule: str, peak: float, step: int, total_steps: int) -> float:
+    """The learning rate of optimiser step `step` (0-based) of `total_steps`.
+
+    constant: `peak` throughout (the study). cosine: from `peak` down to 0. onecycle: a linear
+    warm-up from peak/25 over the first quarter, then cosine down to peak/10⁴ (Smith's one-cycle,
+    as torch.optim.lr_scheduler.OneCycleLR with linear annealing up).
+    """
+    progress = min(step / max(total_steps - 1, 1), 1.0)
+    if schedule == "constant":
+        return peak
+    if schedule == "cosine":
+        return peak * 0.5 * (1 + math.cos(math.pi * progress))
+    warm = 0.25
+    if progress < warm:
+        return peak * (1 / 25 + (1 - 1 / 25) * progress / warm)
+    down = (progress - warm) / (1 - warm)
+    return peak * (1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * down)))
 
 
 class Trainer:
@@ -43,19 +76,50 @@ class Trainer:
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(trainable, lr=t.lr, weight_decay=t.weight_decay)
+        self.use_graph = device.type == "cuda" and t.cuda_graphs and not world.distributed
+        cuda = device.type == "cuda"
+        # fused: one kernel for the whole update; capturable: its step counters live on the GPU (graphs).
+        # A scheduled rate lives in a tensor on the device, so a captured step reads each new value.
+        lr = torch.tensor(t.lr, device=device) if self.use_graph and t.schedule != "constant" else t.lr
+        self.optimizer = torch.optim.Adam(trainable, lr=lr, weight_decay=t.weight_decay,
+                                          fused=cuda or None, capturable=self.use_graph)
+        self.steps_done, self.total_steps = 0, 1  # the schedule's clock (set_schedule)
         # What a training step runs: the trained part, under DDP wrapped so that its gradients
         # are averaged across ranks. Checkpoints, validation and prediction use self.model.
         self.trained = world.wrap(self.model.head if self.frozen else self.model, device)
-        self.augment = GpuAugment(t.augment).to(device)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _no_autocast()
+        self.augment = DeviceAugment(t.augment)
+        self.autocast_dtype = torch.bfloat16 if cuda else None
+        self.graph: StepGraph | None = None
 
     def restore(self, state: dict) -> None:
         """Continue from a resume state: weights, optimiser and RNG."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self.graph = None  # a graph holds the old tensors' addresses: capture again
 
+    def set_schedule(self, steps_per_epoch: int, epochs: int, steps_done: int) -> None:
+        """Where the learning-rate schedule stands: `steps_done` of steps_per_epoch × epochs."""
+        self.total_steps, self.steps_done = max(steps_per_epoch * epochs, 1), steps_done
+
+    def _advance_schedule(self) -> None:
+        t = self.params.train
+        if t.schedule == "constant":
+            return
+        value = learning_rate(t.schedule, t.lr, self.steps_done, self.total_steps)
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(value)
+            else:
+                group["lr"] = value
+        self.steps_done += 1
+
+    def autocast(self, enabled: bool = True):
+        """bf16 autocast on CUDA (without its weight cache, which CUDA graphs cannot hold); off elsewhere."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                              enabled=enabled and self.autocast_dtype is not None, cache_enabled=False)
 
     def _forward(self, images: torch.Tensor):
         if self.frozen:
@@ -64,51 +128,67 @@ class Trainer:
             return self.trained(features)
         return self.trained(images)
 
-    def _step(self, loss: torch.Tensor, batch_rows: int) -> None:
-        """Backward and optimiser step; under DDP the loss is weighted so that the averaged
-        gradient is that of the whole global batch, even when it does not split evenly."""
+    def step_outputs(self, images_u8: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augment, forward, backward and optimiser step on one batch; returns the batch's summed
+        loss and number of correct predictions as device tensors (no host sync)."""
+        rows = labels.shape[0]
+        images = to_model_input(images_u8, self.device, self.channels_last)
+        with torch.no_grad():
+            images = normalize(self.augment(images))
+        with self.autocast():
+            loss, logits = loss_of(self._forward(images), labels, self.params.train.aux_weight,
+                                   self.params.train.label_smoothing)
+        scaled = loss
         if self.world.distributed:
-            (global_rows,) = self.world.sum([batch_rows], self.device)
-            loss = loss * distributed.loss_weight(batch_rows, int(global_rows), self.world)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+            # weighted so that the averaged gradient is that of the whole global batch, even when
+            # it does not split evenly across ranks (one small all-reduce per step, DDP only)
+            (global_rows,) = self.world.sum([rows], self.device)
+            scaled = loss * distributed.loss_weight(rows, int(global_rows), self.world)
+        # In place (not None): a captured graph's gradients keep their addresses across eager steps.
+        self.optimizer.zero_grad(set_to_none=self.graph is None)
+        scaled.backward()
         self.optimizer.step()
+        return loss.detach().float() * rows, (logits.detach().argmax(1) == labels).sum()
 
-    def _epoch_means(self, total_loss: float, correct: float, seen: float) -> tuple[float, float]:
-        """Mean loss and accuracy of an epoch over every rank's images."""
-        total_loss, correct, seen = self.world.sum([total_loss, correct, seen], self.device)
+    def _epoch_means(self, total_loss: torch.Tensor, correct: torch.Tensor, seen: int) -> tuple[float, float]:
+        """Mean loss and accuracy of an epoch over every rank's images (the epoch's one host sync)."""
+        total_loss, correct, seen = self.world.sum([float(total_loss), float(correct), seen], self.device)
         return total_loss / max(seen, 1), correct / max(seen, 1)
 
-    def train_epoch(self, loader, progress: tqdm | None) -> tuple[float, float]:
+    def train_epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                    progress: tqdm | None) -> tuple[float, float]:
+        """One epoch over (uint8 images, labels) batches; returns (mean loss, accuracy)."""
         models.train_mode(self.model, self.cell.condition)
-        total_loss, correct, seen = 0.0, 0, 0
+        total_loss = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        seen = 0
         limit = self.params.train.max_batches_per_epoch
-        for step, (images_u8, labels) in enumerate(loader):
+        for step, (images_u8, labels) in enumerate(batches):
             if limit is not None and step >= limit:
                 break
-            images = to_model_input(images_u8, self.device, self.channels_last)
             labels = labels.to(self.device, non_blocking=True)
-            with torch.no_grad():
-                images = normalize(self.augment(images))
-            with self.autocast:
-                loss, logits = loss_of(self._forward(images), labels, self.params.train.aux_weight)
-            self._step(loss, len(labels))
-            total_loss += loss.item() * len(labels)
-            correct += (logits.argmax(1) == labels).sum().item()
-            seen += len(labels)
+            self._advance_schedule()
+            if self.use_graph and self.graph is None and labels.shape[0] == self.params.train.batch_size:
+                self.graph = StepGraph(self, images_u8, labels)
+            if self.graph is not None and self.graph.fits(labels):
+                batch_loss, batch_correct = self.graph.replay(images_u8, labels)
+            else:
+                batch_loss, batch_correct = self.step_outputs(images_u8, labels)
+            total_loss += batch_loss
+            correct += batch_correct
+            seen += labels.shape[0]
             if progress is not None:
-                progress.update(len(labels))
-                progress.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+                progress.update(labels.shape[0])
         return self._epoch_means(total_loss, correct, seen)
 
     @torch.no_grad()
-    def cached_features(self, loader) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frozen backbone features (N, D) and labels of every image in a loader, computed once."""
+    def cached_features(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen backbone features (N, D) and labels of every image in `batches`, computed once."""
         self.model.backbone.eval()
         features, labels_out = [], []
-        for images_u8, labels in loader:
+        for images_u8, labels in batches:
             images = model_input(images_u8, self.device, self.channels_last)
-            with self.autocast:
+            with self.autocast():
                 features.append(self.model.forward_features(images).float())
             labels_out.append(labels.to(self.device))
         return torch.cat(features), torch.cat(labels_out)
@@ -119,40 +199,87 @@ class Trainer:
 
         Under DDP every rank holds every feature and takes its shard of each global batch."""
         self.model.head.train()
-        total_loss, correct, seen = 0.0, 0, 0
+        total_loss = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        seen = 0
         order = torch.randperm(len(labels), generator=generator).tolist()
         for rows in distributed.shard_batches(order, self.params.train.batch_size, self.world):
             batch = torch.tensor(rows, device=self.device)
+            self._advance_schedule()
             logits = self.trained(features[batch])
-            loss = F.cross_entropy(logits, labels[batch])
-            self._step(loss, len(rows))
-            total_loss += loss.item() * len(rows)
-            correct += (logits.argmax(1) == labels[batch]).sum().item()
+            loss = F.cross_entropy(logits, labels[batch], label_smoothing=self.params.train.label_smoothing)
+            scaled = loss
+            if self.world.distributed:
+                (global_rows,) = self.world.sum([len(rows)], self.device)
+                scaled = loss * distributed.loss_weight(len(rows), int(global_rows), self.world)
+            self.optimizer.zero_grad(set_to_none=True)
+            scaled.backward()
+            self.optimizer.step()
+            total_loss += loss.detach() * len(rows)
+            correct += (logits.detach().argmax(1) == labels[batch]).sum()
             seen += len(rows)
             if progress is not None:
                 progress.update(len(rows))
         return self._epoch_means(total_loss, correct, seen)
 
-    @torch.no_grad()
-    def predict(self, loader) -> tuple[np.ndarray, np.ndarray]:
-        """Probabilities (N, K) and labels (N,) over a loader, in its order."""
+    @torch.inference_mode()
+    def predict(self, batches) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities (N, K) and labels (N,) over (uint8 images, labels) batches, in their order."""
         self.model.eval()
         probs, labels_out = [], []
-        for images_u8, labels in loader:
+        for images_u8, labels in batches:
             images = model_input(images_u8, self.device, self.channels_last)
-            with self.autocast:
+            with self.autocast():
                 logits = self.model(images)
-            probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-            labels_out.append(labels.numpy())
-        return np.concatenate(probs), np.concatenate(labels_out)
+            probs.append(torch.softmax(logits.float(), dim=1))
+            labels_out.append(labels)
+        return torch.cat(probs).cpu().numpy(), torch.cat(labels_out).cpu().numpy()
 
 
-class _no_autocast:
-    def __enter__(self):
-        return self
+class StepGraph:
+    """A training step of one batch size captured once as a CUDA graph, then replayed per batch.
 
-    def __exit__(self, *exc):
-        return False
+    Capture follows PyTorch's whole-network recipe: a few eager warm-up steps on a side stream
+    (cuDNN picks its kernels, the allocator settles), then one captured step whose input and
+    output tensors are static. The warm-up steps are undone (weights, optimiser state and
+    BatchNorm statistics restored), so the graph changes how the step runs, not what it computes.
+    """
+
+    def __init__(self, trainer: Trainer, images_u8: torch.Tensor, labels: torch.Tensor):
+        self.images = images_u8.to(trainer.device).clone()
+        self.labels = labels.clone()
+        saved_model = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        optimizer = trainer.optimizer
+        saved_optimizer = {p: {k: v.clone() for k, v in state.items()} for p, state in optimizer.state.items()}
+        side = torch.cuda.Stream(trainer.device)
+        side.wait_stream(torch.cuda.current_stream(trainer.device))
+        with torch.cuda.stream(side):
+            for _ in range(GRAPH_WARMUP_STEPS):
+                trainer.step_outputs(self.images, self.labels)
+        torch.cuda.current_stream(trainer.device).wait_stream(side)
+        # Undo the warm-up in place: the graph records these tensors' addresses, and the optimiser's
+        # state must exist before capture (created inside it, it would be re-zeroed on every replay).
+        trainer.model.load_state_dict(saved_model)
+        for param, state in optimizer.state.items():
+            for key, value in state.items():
+                if param in saved_optimizer:
+                    value.copy_(saved_optimizer[param][key])
+                else:
+                    value.zero_()  # the first step: Adam starts from zeros, as without the graph
+        optimizer.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss, self.correct = trainer.step_outputs(self.images, self.labels)
+
+    def fits(self, labels: torch.Tensor) -> bool:
+        return labels.shape[0] == self.labels.shape[0]
+
+    def replay(self, images_u8: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the captured step on this batch; returns copies of its summed loss and correct count."""
+        self.images.copy_(images_u8, non_blocking=True)
+        self.labels.copy_(labels, non_blocking=True)
+        self.graph.replay()
+        return self.loss.clone(), self.correct.clone()
 
 
 def evaluate_loss(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:

@@ -2,16 +2,18 @@
 
 An image reaches a model as: RGB crop (preprocess.crop_and_fit) → `resize_to_input`
 (uint8, size × size) → `to_model_input` (float in [0, 1] on the device) → `normalize`
-(ImageNet mean/std). Training keeps the uint8 step in its image store and adds `GpuAugment`
+(ImageNet mean/std). Training keeps the uint8 step in its image store and adds `DeviceAugment`
 between the last two; serving runs the same functions on the uploaded images.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from .config import AugmentParams
@@ -62,30 +64,41 @@ def augments(augment: AugmentParams) -> bool:
     return bool(augment.rotation or augment.translate or augment.hflip)
 
 
-class GpuAugment(torch.nn.Module):
-    """Per-sample random rotation, translation and horizontal flip on a float batch.
+class DeviceAugment(torch.nn.Module):
+    """Per-sample random rotation, translation and horizontal flip of a float batch, drawn and
+    applied on the batch's device.
 
-    kornia draws independent parameters for every image in the batch (torchvision's
-    v2 transforms would apply one draw to the whole batch tensor).
+    The same transforms as kornia's RandomHorizontalFlip + RandomAffine(degrees, translate,
+    padding_mode="border") (tests/test_transforms.py checks the warp against kornia's), in one
+    affine_grid + grid_sample with parameters drawn by torch.rand on the device: no host round
+    trip and a fixed set of kernels, so a training step can be captured in a CUDA graph.
+    Images must be square (the crops are).
     """
 
     def __init__(self, params: AugmentParams):
         super().__init__()
-        import kornia.augmentation as K
-
-        steps = []
-        if params.hflip:
-            steps.append(K.RandomHorizontalFlip())
-        if params.rotation or params.translate:
-            steps.append(
-                K.RandomAffine(
-                    degrees=params.rotation,
-                    translate=(params.translate, params.translate) if params.translate else None,
-                    padding_mode="border",
-                    p=1.0,
-                )
-            )
-        self.steps = K.AugmentationSequential(*steps) if steps else torch.nn.Identity()
+        self.max_angle = math.radians(params.rotation)
+        self.max_shift = 2.0 * params.translate  # normalised coordinates: a side spans 2
+        self.hflip = params.hflip
+        self.active = augments(params)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.steps(images)
+        if not self.active:
+            return images
+        draws = torch.rand(images.shape[0], 4, device=images.device)
+        angle = (draws[:, 0] * 2 - 1) * self.max_angle
+        shift = (draws[:, 1:3] * 2 - 1) * self.max_shift
+        flip = torch.where(draws[:, 3] < 0.5, -1.0, 1.0) if self.hflip else torch.ones_like(angle)
+        return affine_warp(images, angle, shift, flip)
+
+
+def affine_warp(images: torch.Tensor, angle: torch.Tensor, shift: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Flip (flip = -1) then rotate by `angle` radians about the centre and shift by `shift`
+    (normalised units, a side spans 2) each image of a square (N, C, H, W) batch; edges repeat."""
+    cos, sin = angle.cos(), angle.sin()
+    # affine_grid maps each output point x to the input point S·R(-angle)·(x - shift).
+    inverse_rotation = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)
+    linear = torch.stack([flip, torch.ones_like(flip)], -1).unsqueeze(-1) * inverse_rotation
+    theta = torch.cat([linear, -(linear @ shift.unsqueeze(-1))], -1).to(images.dtype)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
