@@ -107,7 +107,7 @@ def closing_lines(params: Params, params_path: str) -> list[str]:
     url = f"http://{HOST}:{SERVE_PORT}"
     return [
         f"done ({params_path}):",
-        f"  report: {reports}/ (table1.md, comparison.md, mcnemar.md, figure1.png)",
+        f"  report: {reports}/ (conclusion.md, table1.md, figure1.png, comparison.md, ...)",
         f"  runs:   {ui}: mlflow ui, opening on experiment {params.tracking.experiment}'s runs",
         (f"  serve:  {serve}: models:/{params.tracking.registered_model}@{CHAMPION_ALIAS} at {url}; "
          f"then `transfer-study predict --url {url} IMAGE`"),
