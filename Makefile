@@ -1,7 +1,11 @@
 # One command each, enough on a fresh Linux machine that reaches the package registries:
-#   make run    set up, fetch the versioned dataset, `dvc repro` the study
+#   make run    set up, fetch the versioned dataset, then the profile that fits the machine, preflight
+#               first: the study (`dvc repro`) on a CUDA GPU, the quick profile without one;
+#               PROFILE=study or PROFILE=quick chooses (the study on a CPU takes days)
 #   make quick  set up and run the whole pipeline on a 2-core CPU (params.quick.yaml)
 #   make test   set up and run the tests
+#   make ui     mlflow ui on this project's runs; prints the address of the profile's runs table
+#   make serve  serve the profile's @champion over HTTP (PORT=5001 by default)
 #   make bench  set up and print the performance table (bench/)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -15,7 +19,11 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # else runs (bench/README.md measured it); passive waiting costs little when the machine is idle.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup system-deps venv data run quick test bench clean-quick lock
+# study | quick; empty: the study on a CUDA GPU, the quick profile without one (`transfer-study profile`)
+PROFILE ?=
+PORT ?=
+
+.PHONY: setup system-deps venv data run run-study run-quick quick ui serve test bench clean-quick lock
 
 setup: venv system-deps
 
@@ -48,13 +56,33 @@ data: setup
 	fi
 	dvc status data.dvc
 
+# Without a GPU and without PROFILE, `profile --estimate` also prints how long the study would take here.
 run: data
+	@profile=$$(transfer-study profile --estimate $(PROFILE)) && $(MAKE) --no-print-directory run-$$profile
+
+# run-study and run-quick are run's two branches (after `data`); each ends with the same closing lines.
+run-study:
+	transfer-study plan
 	dvc repro
+	@transfer-study next-steps
 
 # The quick profile's own DVC pipeline (it brings the shared data stages up to date first): a second
 # run with nothing changed runs no stage and registers nothing new.
-quick: data
+run-quick:
+	transfer-study --params params.quick.yaml plan
 	dvc repro profiles/quick/dvc.yaml
+	@transfer-study --params params.quick.yaml next-steps
+
+quick: data
+	@$(MAKE) --no-print-directory run-quick
+
+ui: setup
+	@params=$$(transfer-study profile --params-file $(PROFILE)) && \
+	  transfer-study --params $$params ui $(if $(PORT),--port $(PORT))
+
+serve: setup
+	@params=$$(transfer-study profile --params-file $(PROFILE)) && \
+	  transfer-study --params $$params serve $(if $(PORT),--port $(PORT))
 
 test: setup
 	$(BIN)/python -m pytest -m "slow or not slow" -q

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +75,58 @@ def test_validate_strict_fails_on_warnings_with_the_file_named(tmp_path):
     strict = _cli("data", "validate", "--strict", cwd=tmp_path)
     assert strict.returncode == 1 and "Traceback" not in strict.stderr
     assert "broken.jpg" in strict.stdout + strict.stderr
+
+
+def _tiny_params_file(tmp_path: Path) -> None:
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["train"].update(architectures=["resnet18"], conditions=["scratch"], epochs=1, batch_size=4,
+                           image_size={"resnet18": 32, "vgg19": 32, "inception_v3": 299, "efficientnet_lite0": 32})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def _make_dry_run(project: Path, *args: str) -> subprocess.CompletedProcess:
+    """`make -n ARGS` in `project` on this Python's environment, with no GPU visible: make prints
+    the commands and runs only the lines that call $(MAKE), i.e. the profile choice."""
+    for name in ("Makefile", "requirements.lock", "pyproject.toml", "params.quick.yaml"):
+        shutil.copy2(REPO_ROOT / name, project / name)
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": ""}  # no GPU, even on a machine that has one
+    env.pop("PROFILE", None)
+    venv = Path(sys.executable).parent.parent
+    return subprocess.run(["make", "-n", *args, f"VENV={venv}"], cwd=project, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_make_run_without_a_gpu_runs_the_quick_profile_and_says_so(tmp_path):
+    _tiny_params_file(tmp_path)  # stands in for the study's params.yaml, so its estimate takes seconds
+    result = _make_dry_run(tmp_path, "run")
+    assert result.returncode == 0, result.stderr
+    assert "no CUDA GPU here: the quick profile" in result.stderr
+    assert "plan for params.yaml: 1 cell on cpu" in result.stderr  # the study's estimate, for the record
+    commands = result.stdout.splitlines()
+    assert commands[-3:] == ["transfer-study --params params.quick.yaml plan", "dvc repro profiles/quick/dvc.yaml",
+                             "transfer-study --params params.quick.yaml next-steps"]
+    assert "dvc repro" not in commands  # the study's pipeline
+
+    study = _make_dry_run(tmp_path, "run", "PROFILE=study")
+    assert study.returncode == 0, study.stderr
+    assert ["transfer-study plan", "dvc repro", "transfer-study next-steps"] == study.stdout.splitlines()[-3:]
+
+
+def test_profile_asked_for_is_kept_and_a_wrong_one_is_one_clear_line(tmp_path):
+    _tiny_params_file(tmp_path)
+    study = _cli("profile", "--params-file", "study", cwd=tmp_path)
+    assert study.returncode == 0 and study.stdout.strip() == "params.yaml"
+    wrong = _cli("profile", "big", cwd=tmp_path)
+    assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
+    assert "PROFILE=big: choose one of study, quick" in wrong.stderr
+
+
+def test_serve_before_any_run_says_to_train_first(tmp_path):
+    (tmp_path / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
+    result = _cli("serve", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "make run" in result.stderr and not (tmp_path / "mlflow.db").exists()
 
 
 def test_validate_verbose_lists_conversions_and_the_size_images_are_upscaled_to(tmp_path, monkeypatch, capsys):

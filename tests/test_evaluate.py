@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import time
 import zlib
 
 import mlflow
@@ -249,6 +251,29 @@ def test_evaluate_runs_logs_to_mlflow_and_writes_dvc_files(tmp_path, tracking):
     assert list(table["run"]) == ["resnet18-frozen-s0", "vgg19-frozen-s0"] == list(runs["run"])
     assert table.loc[0, "run_id"] == run_ids["resnet18-frozen-s0"]
     assert table.loc[0, "test_accuracy_ci_low"] < expected_accuracy < table.loc[0, "test_accuracy_ci_high"]
+
+
+def test_the_current_runs_tag_moves_to_the_runs_each_evaluation_reads(tmp_path, tracking):
+    uri, experiment_id = tracking
+    models, out = tmp_path / "models", tmp_path / "evaluation"
+    params = EvaluateParams(bootstrap_samples=50)
+    first = write_fake_run(models, uri, experiment_id, "resnet18", "frozen", 0, 0.8)
+    kept = write_fake_run(models, uri, experiment_id, "vgg19", "frozen", 0, 0.6)
+    parent = mlflow.MlflowClient(uri).create_run(experiment_id, run_name="vgg19-frozen").info.run_id
+    mlflow.MlflowClient(uri).set_tag(kept, "mlflow.parentRunId", parent)  # a study cell's row (several runs)
+    evaluate_runs(models, out, params, uri)
+    shutil.rmtree(models / "resnet18-frozen")  # a later `dvc repro` retrains one cell: a new run, same name
+    second = write_fake_run(models, uri, experiment_id, "resnet18", "frozen", 0, 0.7)
+    unrelated = mlflow.MlflowClient(uri).create_run(experiment_id, run_name="by hand").info.run_id
+
+    evaluate_runs(models, out, params, uri)
+
+    client = mlflow.MlflowClient(uri)
+    current = client.search_runs([experiment_id], filter_string="tags.pipeline_current = 'true'")
+    assert {r.info.run_id for r in current} == {second, kept, parent}
+    assert "pipeline_current" not in client.get_run(first).data.tags
+    assert "pipeline_current" not in client.get_run(unrelated).data.tags
+    assert client.get_run(first).info.run_name == client.get_run(second).info.run_name  # both stay in the store
 
 
 def test_evaluate_runs_without_runs_says_to_train(tmp_path):

@@ -9,6 +9,7 @@ import click
 
 from . import config
 from .config import UserError
+from .launch import HOST, SERVE_PORT, UI_PORT
 
 
 def _params(ctx: click.Context) -> config.Params:
@@ -179,11 +180,88 @@ def register(ctx: click.Context) -> None:
 
 @cli.command()
 @click.option("--skip-data", is_flag=True,
-              help="Start at the split, on the crops `dvc repro preprocess` built (each profile splits its own way).")
+              help="The fetch, validate and preprocess stages will not run: the crops must exist.")
+@click.option("--estimate-only", is_flag=True,
+              help="Only time the cells (for a profile you will not run): no weights, data or disk checks.")
 @click.pass_context
-def pipeline(ctx: click.Context, skip_data: bool) -> None:
-    """Every stage in order, in this process (the quick profile and MLproject's main)."""
+def plan(ctx: click.Context, skip_data: bool, estimate_only: bool) -> None:
+    """Preflight: the cells, the device, a time estimate from real steps here; weights, data and
+    disk checked, so what would fail later fails now."""
+    _print_plan(ctx, skip_data, estimate_only)
+
+
+def _print_plan(ctx: click.Context, skip_data: bool, estimate_only: bool, err: bool = False) -> None:
+    from .plan import format_plan, preflight
+
+    params_path = ctx.find_root().obj["params_path"]
+    click.echo(format_plan(preflight(_params(ctx), params_path, _root(), skip_data, checks=not estimate_only)), err=err)
+
+
+@cli.command()
+@click.argument("requested", required=False, default="")
+@click.option("--params-file", is_flag=True, help="Print the profile's params file instead of its name.")
+@click.option("--estimate", is_flag=True, help="Without a CUDA GPU, also time the study profile (--params) here.")
+@click.pass_context
+def profile(ctx: click.Context, requested: str, params_file: bool, estimate: bool) -> None:
+    """Print the profile to run: REQUESTED (study|quick), else study on a CUDA GPU, quick without one."""
+    from .plan import PROFILES, choose_profile
+
+    chosen, reason = choose_profile(requested or None, False if requested else _cuda_available())
+    click.echo(reason, err=True)
+    if estimate and chosen != "study" and not requested:
+        _print_plan(ctx, skip_data=False, estimate_only=True, err=True)  # stdout carries the choice alone
+    click.echo(PROFILES[chosen] if params_file else chosen)
+
+
+@cli.command("next-steps")
+@click.pass_context
+def next_steps(ctx: click.Context) -> None:
+    """Where a finished run's report is, and how to open its runs and serve its champion."""
+    from .launch import closing_lines
+
+    click.echo("\n".join(closing_lines(_params(ctx), ctx.find_root().obj["params_path"])))
+
+
+@cli.command()
+@click.option("--port", default=UI_PORT, show_default=True)
+@click.pass_context
+def ui(ctx: click.Context, port: int) -> None:
+    """`mlflow ui` on the project's tracking store; prints the address of the runs table."""
+    from .launch import exec_tool, tool_environment, ui_launch
+
+    uri = config.tracking_uri()
+    lines, command = ui_launch(_params(ctx), uri, port)
+    click.echo("\n".join(lines))
+    if command is None:
+        click.echo("MLFLOW_TRACKING_URI names a server, which serves this UI: nothing to start")
+        return
+    exec_tool(command, tool_environment(config.environment(), config.python_bin_dir(), uri))
+
+
+@cli.command()
+@click.option("--port", default=SERVE_PORT, show_default=True)
+@click.pass_context
+def serve(ctx: click.Context, port: int) -> None:
+    """`mlflow models serve` of tracking.registered_model's @champion, with this environment's tools."""
+    from .launch import check_champion, exec_tool, serve_command, tool_environment
+
+    uri, name = config.tracking_uri(), _params(ctx).tracking.registered_model
+    check_champion(uri, name)
+    click.echo(f"serving models:/{name}@champion at http://{HOST}:{port} (Ctrl-C stops it)")
+    exec_tool(serve_command(name, port=port), tool_environment(config.environment(), config.python_bin_dir(), uri))
+
+
+@cli.command()
+@click.option("--skip-data", is_flag=True,
+              help="Start at the split, on the crops `dvc repro preprocess` built (each profile splits its own way).")
+@click.option("--skip-plan", is_flag=True, help="Do not run the preflight (`transfer-study plan` ran already).")
+@click.pass_context
+def pipeline(ctx: click.Context, skip_data: bool, skip_plan: bool) -> None:
+    """The preflight, then every stage in order, in this process (the quick profile and MLproject's main)."""
     params = _params(ctx)
+    if not skip_plan:
+        click.echo("== plan ==", err=True)
+        ctx.invoke(plan, skip_data=skip_data)
     stages = [split, train, evaluate, report, register]
     if not skip_data:
         raw = Path(params.paths.raw)
@@ -203,6 +281,12 @@ def predict(url: str, images: tuple[Path, ...]) -> None:
     from .client import predict_images
 
     click.echo(predict_images(url, list(images)).to_string(index=False))
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _opt_path(value: str | None) -> Path | None:

@@ -11,6 +11,7 @@ import difflib
 import math
 import os
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -502,6 +503,16 @@ def tracking_uri(root: Path | None = None) -> str:
     if root is None:
         root = Path(os.environ["DVC_ROOT"]).resolve() if os.environ.get("DVC_ROOT") else project_root()
     return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def environment() -> dict[str, str]:
+    """A copy of this process's environment, for the tools `make ui`/`make serve` start."""
+    return dict(os.environ)
+
+
+def python_bin_dir() -> Path:
+    """The folder of this Python and of its environment's tools (mlflow, uvicorn): `.venv/bin`."""
+    return Path(sys.executable).parent
 
 
 def torch_home() -> Path:

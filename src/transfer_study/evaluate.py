@@ -24,6 +24,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, r
 from .config import EvaluateParams, UserError
 from .cells import Cell
 from .runs import find_run_dirs, read_run_info
+from .tracking import PIPELINE_CURRENT_TAG
 
 SPLITS = ("train", "val", "test")
 # Scalar metrics, in the order tables show them; each has a batched twin in BATCH_METRICS.
@@ -408,6 +409,30 @@ def log_to_mlflow(client, info: dict, metrics: dict[str, float], notes: dict[str
     client.log_artifacts(run_id, str(artifact_dir), artifact_path="evaluation")
 
 
+def mark_current_runs(client, run_ids: list[str]) -> list[str]:
+    """Tag `run_ids` (the runs this evaluation read) and their parent runs (a study cell's row when
+    it has several runs) PIPELINE_CURRENT_TAG=true, and remove the tag from every other run of
+    their experiments: older runs of the same cells, left by earlier `dvc repro`s, stay in the
+    experiment but drop out of the UI's filter. Gives back the cleared runs."""
+    runs = [client.get_run(run_id) for run_id in run_ids]
+    experiment_ids = sorted({run.info.experiment_id for run in runs})
+    parents = {run.data.tags.get("mlflow.parentRunId") for run in runs} - {None}
+    run_ids = [*run_ids, *sorted(parents)]
+    for run_id in run_ids:
+        client.set_tag(run_id, PIPELINE_CURRENT_TAG, "true")
+    cleared, page_token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string=f"tags.{PIPELINE_CURRENT_TAG} = 'true'",
+                                  max_results=1000, page_token=page_token)
+        for run in page:
+            if run.info.run_id not in run_ids:
+                client.delete_tag(run.info.run_id, PIPELINE_CURRENT_TAG)
+                cleared.append(run.info.run_id)
+        page_token = page.token
+        if not page_token:
+            return cleared
+
+
 def json_ready(value):
     """NaN → None, recursively, so metrics.json is valid JSON that `dvc metrics show` reads."""
     if isinstance(value, dict):
@@ -494,7 +519,8 @@ def evaluate_runs(models_dir: Path, out_dir: Path, params: EvaluateParams, track
     Writes out_dir/metrics.json (run → split → metric), out_dir/plots/confusion/<run>.csv
     (actual,predicted on test), out_dir/plots/roc/<run>.csv (fpr,tpr,class; macro average
     on test), out_dir/runs/<run>/ (PNGs and classification report, also logged to the
-    run in MLflow) and out_dir/runs.csv, which it also gives back.
+    run in MLflow) and out_dir/runs.csv, which it also gives back. The runs it read (and their parents) are tagged
+    `pipeline_current=true`, and no other run of their experiments is (mark_current_runs).
     """
     from mlflow import MlflowClient
 
@@ -514,6 +540,7 @@ def evaluate_runs(models_dir: Path, out_dir: Path, params: EvaluateParams, track
                       out_dirs["runs"] / name, tracking_uri)
         nested[name] = {s: {k: m[k] for k in SCALAR_METRICS} for s, m in split_metrics.items()}
         rows.append(runs_row(run_dir, models_dir, info, split_metrics, test_cis))
+    mark_current_runs(client, [info["run_id"] for info, _, _ in results])
     (out_dir / "metrics.json").write_text(json.dumps(json_ready(nested), indent=2) + "\n")
     runs = pd.DataFrame(rows)
     runs.to_csv(out_dir / "runs.csv", index=False)

