@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import time
 import zlib
 
 import mlflow
