@@ -69,6 +69,9 @@ def test_each_rank_trains_on_its_own_shard_of_every_epoch(tmp_path):
         def __init__(self, world: World):
             self.world, self.epochs = world, []
 
+        def set_schedule(self, steps_per_epoch, epochs, steps_done):
+            pass
+
         def train_epoch(self, loader, progress):
             self.epochs.append(loader)
             return 0.0, 0.0
