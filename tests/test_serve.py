@@ -29,6 +29,7 @@ from transfer_study.calibration import temperature_scaled
 from transfer_study.cells import Cell
 from transfer_study.config import PreprocessParams
 from transfer_study.evaluate import evaluate_runs
+from transfer_study.launch import tool_environment
 from transfer_study.preprocess import write_crop_record
 from transfer_study.registry import RegisterPaths, promote_champion
 from transfer_study.serve import ImageClassifier, classifier_files, with_serving_options
@@ -253,7 +254,8 @@ def _post(url: str, body: bytes) -> tuple[int, dict]:
 def _serve(model_uri: str, tracking_uri: str, log_dir: Path):
     """`mlflow models serve` of model_uri on a free loopback port: yields its base URL, then stops it."""
     port = _free_port()
-    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri)
+    # As `make serve` / `transfer-study serve` run it: the environment's tools first on PATH (uvicorn).
+    env = tool_environment(dict(os.environ), Path(sys.executable).parent, tracking_uri)
     log = (log_dir / "server.log").open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,

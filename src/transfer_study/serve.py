@@ -115,6 +115,11 @@ class ServedClassifier(_pyfunc_base()):
     """What every served model shares: raw image bytes (base64) in, `label` and `prob_<class>` out,
     with bad requests answered as HTTP 400. Subclasses give `class_names` and `probabilities`."""
 
+    # MLflow's opt-out of type-hint validation (its ChatModel's): the signature is explicit
+    # (model_signature), so no "Add type hints to the `predict` method" warning at class creation,
+    # which MLflow shows under its own warnings filter, whatever ours say.
+    _skip_type_hint_validation = True
+
     class_names: list[str]
 
     def probabilities(self, images: list) -> np.ndarray:
@@ -137,11 +142,6 @@ class ImageClassifier(ServedClassifier):
     """One trained network. config.json may add `tta` (average the probabilities of the image
     and its mirror image) and `temperature` (softmax(logits / T)); models logged without
     them load with tta off and T = 1."""
-
-    # MLflow's opt-out of type-hint validation (its ChatModel's): the signature is explicit
-    # (model_signature), so no "Add type hints to the `predict` method" warning at class creation,
-    # which MLflow shows under its own warnings filter, whatever ours say.
-    _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
         self.load(Path(context.artifacts["weights"]), Path(context.artifacts["config"]))
