@@ -95,7 +95,7 @@ MUTATIONS = (
              'stats.binomtest(b, b + c, 0.5, alternative="greater").pvalue', _tests("test_evaluate.py", "mcnemar"),
              "two-sided p-value"),
     Mutation("bootstrap-one-tail-interval", "evaluate.py", "tail = (1 - confidence) / 2 * 100",
-             "tail = (1 - confidence) * 100", _tests("test_evaluate.py", "bootstrap"),
+             "tail = (1 - confidence) * 100", _tests("test_evaluate.py", "bootstrap or percentile"),
              "a central 95% interval"),
     Mutation("bootstrap-first-chunk-repeated", "evaluate.py",
              "parts = [metric_fn(weights[i:i + chunk], y_true, y_pred, proba) for i in range(0, n, chunk)]",
