@@ -17,7 +17,7 @@ from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_
 from transfer_study.config import EvaluateParams, UserError
 from transfer_study.evaluate import (BATCH_METRICS, SCALAR_METRICS, batch_accuracy, bootstrap_ci,
                                      bootstrap_distribution, classification_metrics, evaluate_runs, mcnemar,
-                                     resample_weights)
+                                     percentile_interval, resample_weights)
 
 CLASSES = ["coat", "dress", "shirt"]
 
@@ -91,6 +91,13 @@ def test_batched_metrics_equal_plain_metrics(metric):
 
 
 # --------------------------------------------------------------------------- bootstrap
+
+
+def test_percentile_interval_is_the_central_one_ignoring_nans():
+    values = np.append(np.arange(1001.0), np.nan)
+    assert percentile_interval(values, 0.95) == pytest.approx((25.0, 975.0))  # 2.5 % in each tail
+    assert percentile_interval(values, 0.5) == pytest.approx((250.0, 750.0))
+    assert all(math.isnan(v) for v in percentile_interval(np.full(5, np.nan), 0.95))
 
 
 def test_bootstrap_ci_covers_true_accuracy_at_nominal_rate():
@@ -291,12 +298,27 @@ def test_a_run_the_store_lacks_is_named_with_the_fix(tmp_path, tracking):
     assert "MLFLOW_TRACKING_URI" in message and "dvc repro train" in message
 
 
-def test_malformed_predictions_name_the_file(tmp_path):
+@pytest.mark.parametrize("column, value, message", [
+    ("prob_2", None, "lacks column(s) prob_2"),
+    ("prob_3", 0.0, "has column(s) prob_3 beyond the 3 classes"),
+    ("label", 3, "column 'label' must hold class indices 0..2"),
+    ("pred", -1, "column 'pred' must hold class indices 0..2"),
+    ("pred", 1.5, "column 'pred' must hold class indices 0..2"),
+    ("prob_0", "high", "prob_* columns hold empty or non-numeric values"),
+    ("split", "holdout", "unknown split(s) ['holdout']"),
+])
+def test_malformed_predictions_name_the_file(tmp_path, column, value, message):
     write_fake_run(tmp_path / "models", None, "0", "resnet18", "scratch", 0, 0.7)  # fails before MLflow
     bad = tmp_path / "models" / "resnet18-scratch" / "s0" / "predictions.csv"
-    pd.read_csv(bad).drop(columns=["prob_2"]).to_csv(bad, index=False)
+    frame = pd.read_csv(bad)
+    if value is None:
+        frame = frame.drop(columns=[column])
+    else:
+        frame[column] = frame[column].astype(object) if column in frame else value
+        frame.loc[frame.index[-1], column] = value  # one row (a test row) is wrong
+    frame.to_csv(bad, index=False)
 
-    with pytest.raises(UserError, match="prob_2") as error:
+    with pytest.raises(UserError) as error:
         evaluate_runs(tmp_path / "models", tmp_path / "evaluation", EvaluateParams(), f"sqlite:///{tmp_path}/x.db")
-    assert str(bad) in str(error.value)
+    assert message in str(error.value) and str(bad) in str(error.value)
     assert not (tmp_path / "x.db").exists()  # every run folder is checked before anything is logged

@@ -245,6 +245,7 @@ def test_resume_state_and_best_checkpoint_are_verified_before_use(project_with_m
     with pytest.raises(UserError, match="best-e1.pt' is corrupt: checksum mismatch"):
         train.train_cell(params, cell, root, tracking_uri)
     assert mlflow.active_run() is None, "a refused resume left its MLflow run active in the process"
+    assert work.load_state()["epoch"] == 1, "training went on from a resume state whose best checkpoint is corrupt"
     flip_byte(work.best_file(1))  # intact again: the resume state is what is damaged next
     flip_byte(work.state_file, offset=100)
     with pytest.raises(UserError, match="resume.pt' is corrupt: checksum mismatch"):

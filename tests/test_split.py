@@ -14,6 +14,7 @@ from transfer_study.config import SplitParams, UserError
 from transfer_study.split import (
     EXCLUDED,
     manifest_frame,
+    read_manifest,
     rows_for,
     split_sizes,
     stratified_split,
@@ -61,6 +62,12 @@ def test_split_sizes_always_give_each_split_an_image():
     for n in range(4, 120):
         sizes = split_sizes(n, PARAMS)
         assert all(abs(sizes[s] - n * getattr(PARAMS, s)) <= 1 for s in sizes), (n, sizes)
+
+
+@pytest.mark.parametrize("n, sizes", [(7, (5, 1, 1)), (10, (6, 2, 2)), (30, (20, 5, 5)), (300, (210, 45, 45))])
+def test_split_sizes_round_half_up(n, sizes):
+    # 15 % of 10 is 1.5 and of 30 is 4.5: rounded, not floored (nor banker's rounding, which gives 4)
+    assert split_sizes(n, PARAMS) == dict(zip(("train", "val", "test"), sizes))
 
 
 def test_three_images_give_one_per_split():
@@ -293,3 +300,22 @@ def test_write_manifest_with_repeats_round_trips(tmp_path, capsys):
     for repeat in (0, 1):
         assert rows_for(read, repeat, 0.5)["path"].tolist() == rows_for(written, repeat, 0.5)["path"].tolist()
     assert "train images per class (repeat 0) at each fraction: 0.5: 7, 1: 14" in capsys.readouterr().out
+
+
+def _manifest(tmp_path, splits: list[str]):
+    path = tmp_path / "manifest.csv"
+    pd.DataFrame({"path": [f"c/{i}.png" for i in range(len(splits))], "label": "coat", "split": splits,
+                  "sha256": [f"{i:064x}" for i in range(len(splits))]}).to_csv(path, index=False)
+    return path
+
+
+def test_read_manifest_checks_what_training_needs(tmp_path):
+    assert list(read_manifest(_manifest(tmp_path, ["train", "val", "test"]))["split"]) == ["train", "val", "test"]
+    for splits, missing in ((["train", "test"], "val"), (["val", "test"], "train")):
+        with pytest.raises(UserError, match=f"has no '{missing}' rows; check the split ratios"):
+            read_manifest(_manifest(tmp_path, splits))
+    pd.read_csv(_manifest(tmp_path, ["train", "val"])).drop(columns=["sha256"]).to_csv(tmp_path / "old.csv")
+    with pytest.raises(UserError, match=r"lacks columns \['sha256'\]; rerun `dvc repro split`"):
+        read_manifest(tmp_path / "old.csv")
+    with pytest.raises(UserError, match="not found; run `dvc repro split` first"):
+        read_manifest(tmp_path / "missing.csv")
