@@ -90,7 +90,9 @@ def _make_dry_run(project: Path, *args: str) -> subprocess.CompletedProcess:
     for name in ("Makefile", "requirements.lock", "pyproject.toml", "params.quick.yaml"):
         shutil.copy2(REPO_ROOT / name, project / name)
     env = os.environ | {"CUDA_VISIBLE_DEVICES": ""}  # no GPU, even on a machine that has one
-    env.pop("PROFILE", None)
+    # As a user types it, not as a sub-make of `make test` (which would print its directory too).
+    for name in ("PROFILE", "MAKEFLAGS", "MFLAGS", "MAKELEVEL"):
+        env.pop(name, None)
     venv = Path(sys.executable).parent.parent
     return subprocess.run(["make", "-n", *args, f"VENV={venv}"], cwd=project, env=env, capture_output=True,
                           text=True, timeout=300)
