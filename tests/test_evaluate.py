@@ -322,3 +322,17 @@ def test_malformed_predictions_name_the_file(tmp_path, column, value, message):
         evaluate_runs(tmp_path / "models", tmp_path / "evaluation", EvaluateParams(), f"sqlite:///{tmp_path}/x.db")
     assert message in str(error.value) and str(bad) in str(error.value)
     assert not (tmp_path / "x.db").exists()  # every run folder is checked before anything is logged
+
+
+def test_training_rows_a_learning_curve_run_left_out_are_read_but_not_scored(tmp_path):
+    from transfer_study.evaluate import read_predictions, split_arrays
+    from transfer_study.split import UNUSED
+
+    frame = pd.DataFrame({"path": ["a", "b", "c"], "split": ["train", UNUSED, "test"], "label": [0, 1, 1],
+                          "pred": [0, 0, 1], "prob_0": [0.9, 0.6, 0.2], "prob_1": [0.1, 0.4, 0.8]})
+    frame.to_csv(tmp_path / "predictions.csv", index=False)
+    predictions = read_predictions(tmp_path / "predictions.csv", 2)
+    assert len(split_arrays(predictions, "train")[0]) == 1 and len(split_arrays(predictions, "test")[0]) == 1
+    frame.assign(split=["train", "holdout", "test"]).to_csv(tmp_path / "predictions.csv", index=False)
+    with pytest.raises(UserError, match=r"unknown split\(s\) \['holdout'\]"):
+        read_predictions(tmp_path / "predictions.csv", 2)

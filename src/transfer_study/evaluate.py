@@ -24,6 +24,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, r
 from .config import EvaluateParams, UserError
 from .cells import Cell
 from .runs import find_run_dirs, read_run_info
+from .split import UNUSED
 from .tracking import PIPELINE_CURRENT_TAG
 
 SPLITS = ("train", "val", "test")
@@ -274,7 +275,8 @@ def read_predictions(path: Path, num_classes: int) -> pd.DataFrame:
     if probs.isna().any().any():
         raise UserError(f"predictions file '{path}': prob_* columns hold empty or non-numeric values")
     frame[prob_columns] = probs
-    unknown = sorted(set(frame["split"]) - set(SPLITS))
+    # UNUSED: training images a learning-curve run left out (split.cell_manifest); predicted, not scored.
+    unknown = sorted(set(frame["split"]) - set(SPLITS) - {UNUSED})
     if unknown:
         raise UserError(f"predictions file '{path}': unknown split(s) {unknown}; expected {', '.join(SPLITS)}")
     if not (frame["split"] == "test").any():
