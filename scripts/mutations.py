@@ -111,8 +111,8 @@ MUTATIONS = (
     # ---------------------------------------------------------------- split
     Mutation("split-keeps-ambiguous-content", "split.py", 'kept = items[~items["sha256"].isin(ambiguous)]',
              "kept = items", _tests("test_split.py"), "content under two labels is excluded"),
-    Mutation("split-ignores-seed", "split.py", "rng = np.random.RandomState(params.seed)",
-             "rng = np.random.RandomState(0)", _tests("test_split.py"), "the split follows its seed"),
+    Mutation("split-ignores-seed", "split.py", "return np.random.RandomState(seed if repeat == 0 else [seed, repeat])",
+             "return np.random.RandomState(0 if repeat == 0 else [seed, repeat])", _tests("test_split.py"), "the split follows its seed"),
     Mutation("split-sizes-round-down", "split.py", "val = max(1, math.floor(n * params.val + 0.5))",
              "val = max(1, math.floor(n * params.val))", _tests("test_split.py"),
              "split sizes within one image of the ratios"),
