@@ -195,6 +195,34 @@ def test_interrupted_run_resumes_the_same_mlflow_run_and_model(project, tracking
                                   pd.read_csv(reference_dir / "history.csv")[columns])
 
 
+def test_a_resumed_schedule_reaches_every_step_as_a_captured_step_reads_it(project, tracking_uri, monkeypatch):
+    """One-cycle, interrupted after epoch 1 and resumed: every step's learning rate is the
+    uninterrupted schedule's, read as a CUDA graph reads it. A captured step keeps the objects it
+    saw at capture (the first step after the Trainer is made or restored) and reads their current
+    values on each replay; a float, or a tensor that load_state_dict swapped in, is frozen there."""
+    from transfer_study.trainer import learning_rate
+
+    monkeypatch.setattr(serve, "log_servable_model", lambda *args: SimpleNamespace(model_uri="not logged"))
+    captured, rates, step = {}, [], Trainer.step_outputs
+
+    def step_as_replayed(self, images_u8, labels):
+        rate = captured.setdefault(id(self), self.optimizer.param_groups[0]["lr"])
+        rates.append(float(rate))
+        return step(self, images_u8, labels)
+
+    monkeypatch.setattr(Trainer, "step_outputs", step_as_replayed)
+    original = interrupt_training_at_epoch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        _run_cell(project, tracking_uri, "small_cnn", "scratch", epochs=3, schedule="onecycle", lr=1e-3)
+    monkeypatch.setattr(Trainer, "train_epoch", original)
+    _run_cell(project, tracking_uri, "small_cnn", "scratch", epochs=3, schedule="onecycle", lr=1e-3)
+
+    steps = 3 * 3  # 12 training images in batches of 4, three epochs
+    expected = [learning_rate("onecycle", 1e-3, s, steps) for s in range(steps)]
+    assert len(captured) == 2, "the interrupted and the resumed attempt each make a Trainer"
+    assert rates == pytest.approx(expected, rel=1e-6)
+
+
 def test_changed_params_or_data_start_fresh_and_say_so(project, tracking_uri, monkeypatch, capsys):
     cell = Cell("efficientnet_lite0", "scratch", 0)
 

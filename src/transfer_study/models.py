@@ -154,6 +154,13 @@ class EfficientNetLite0(nn.Module):
     def __init__(self, num_classes: int = 1000, dropout: float = 0.2, transform_input: bool = True):
         super().__init__()
         self.transform_input = transform_input
+        # ImageNet-normalised x → Lite0's: (x·std_in + mean_in − mean_out) / std_out = x·scale + shift. Buffers
+        # (made once, moved with the model, not in the state_dict): a tensor built from Python values in
+        # forward would be a host-to-device copy per call, which CUDA graph capture refuses.
+        scale = torch.tensor(IMAGENET_STD) / torch.tensor(LITE0_STD)
+        shift = (torch.tensor(IMAGENET_MEAN) - torch.tensor(LITE0_MEAN)) / torch.tensor(LITE0_STD)
+        self.register_buffer("_input_scale", scale.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_input_shift", shift.view(1, 3, 1, 1), persistent=False)
         self._conv_stem = SamePadConv2d(3, 32, 3, stride=2)
         self._bn0 = nn.BatchNorm2d(32, eps=LITE0_BN_EPS)
         blocks, channels = [], 32
@@ -181,11 +188,7 @@ class EfficientNetLite0(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def _to_own_normalisation(self, x: torch.Tensor) -> torch.Tensor:
-        mean_in = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std_in = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        mean_out = x.new_tensor(LITE0_MEAN).view(1, 3, 1, 1)
-        std_out = x.new_tensor(LITE0_STD).view(1, 3, 1, 1)
-        return (x * std_in + mean_in - mean_out) / std_out
+        return torch.addcmul(self._input_shift.to(x.dtype), x, self._input_scale.to(x.dtype))
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images -> (B, 1280, H/32, W/32) activations before pooling (used for CAMs)."""
