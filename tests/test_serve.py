@@ -154,6 +154,24 @@ def test_flips_and_temperature_act_on_the_networks_output_in_process(trained_mod
                        atol=1e-6)
 
 
+def test_a_model_that_answers_wrongly_is_not_logged(monkeypatch):
+    """log_pyfunc's own answer check (in place of MLflow's input-example round trip) stops a model
+    whose answer breaks the signature before anything is logged."""
+    from transfer_study import serve
+
+    class Shuffled(serve.ServedClassifier):
+        class_names = ["blue", "red"]
+
+        def probabilities(self, images):
+            return np.full((len(images), 2), 0.7)  # rows do not sum to 1
+
+    monkeypatch.setattr(mlflow.pyfunc, "log_model", lambda **kwargs: pytest.fail("logged anyway"))
+    with pytest.raises(RuntimeError, match=r"probability sums \[1.4 1.4\]"):
+        serve.log_pyfunc(Shuffled(), {}, ["blue", "red"], ("none",), loaded=Shuffled())
+    serve.check_answer(type("Fine", (Shuffled,), {"probabilities": lambda self, im: np.full((len(im), 2), 0.5)})(),
+                       ["blue", "red"])
+
+
 def test_bad_inputs_raise_a_clear_error_in_process(trained_model):
     from mlflow.exceptions import MlflowException
 

@@ -223,6 +223,28 @@ def test_a_resumed_schedule_reaches_every_step_as_a_captured_step_reads_it(proje
     assert rates == pytest.approx(expected, rel=1e-6)
 
 
+def test_a_finished_run_writes_no_last_resume_state_and_logs_every_epoch_and_one_model(project, tracking_uri,
+                                                                                     monkeypatch):
+    from transfer_study.checkpoints import WorkDir
+
+    saved, save_epoch = [], WorkDir.save_epoch
+    monkeypatch.setattr(WorkDir, "save_epoch", lambda self, state, best: (saved.append(state["epoch"]),
+                                                                           save_epoch(self, state, best)))
+    _, run_dir = _run_cell(project, tracking_uri, "small_cnn", "scratch", epochs=3, save_every_s=0.0)
+    assert saved == [1, 2], "the last epoch wrote a resume state that the run folder makes useless"
+    info = json.loads((run_dir / "run.json").read_text())
+    client = MlflowClient(tracking_uri)
+    assert [m.step for m in client.get_metric_history(info["run_id"], "val_acc")] == [1, 2, 3]
+    best = load_checkpoint(run_dir / "best.pt")
+    assert best["epoch"] == pd.read_csv(run_dir / "history.csv")["val_acc"].idxmax() + 1
+    models_logged = client.search_logged_models(experiment_ids=[info["experiment_id"]],
+                                                filter_string=f"source_run_id = '{info['run_id']}'")
+    assert len(models_logged) == 1
+    served = torch.load(Path(mlflow.artifacts.download_artifacts(info["model_uri"])) / "artifacts" / "weights.pt",
+                        weights_only=True)
+    assert all(torch.equal(served[k], best["model"][k].cpu()) for k in served), "the served weights are not best.pt's"
+
+
 def test_changed_params_or_data_start_fresh_and_say_so(project, tracking_uri, monkeypatch, capsys):
     cell = Cell("efficientnet_lite0", "scratch", 0)
 

@@ -19,13 +19,12 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 import pandas as pd
 import torch
 
 from .cells import Cell
-from .checksums import file_sha256
+from .checksums import HashingWriter, file_sha256
 from .config import Params, UserError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -54,26 +53,6 @@ def stale_work_dirs(checkpoint_dir: Path, cell_name: str, current: Path) -> list
                   if p.is_dir() and p != current and pattern.fullmatch(p.name))
 
 
-class _HashingWriter:
-    """A binary file wrapper that hashes what passes through it and keeps the first write error
-    (torch.save reports a failed write as a bare RuntimeError; the OSError says why)."""
-
-    def __init__(self, handle: BinaryIO):
-        self.handle, self.digest, self.error = handle, hashlib.sha256(), None
-
-    def write(self, data) -> int:
-        try:
-            written = self.handle.write(data)
-        except OSError as exc:
-            self.error = self.error or exc
-            raise
-        self.digest.update(data)
-        return written
-
-    def flush(self) -> None:
-        self.handle.flush()
-
-
 def checksum_path(path: Path) -> Path:
     """Where the SHA-256 of `path` is kept: `<name>.sha256`, in `sha256sum` format."""
     return path.with_name(path.name + ".sha256")
@@ -88,7 +67,7 @@ def _write_failure(path: Path, exc: BaseException) -> str:
     return f"could not write checkpoint '{path}': {reason}; check the folder is writable, free disk space and rerun"
 
 
-def _atomic_write(path: Path, write: Callable[[_HashingWriter], None]) -> str:
+def _atomic_write(path: Path, write: Callable[[HashingWriter], None]) -> str:
     """write() into a temp file, fsync, then rename it and its checksum file into place.
 
     A crash or a full disk never leaves a truncated file under the real name, and the temp
@@ -101,7 +80,7 @@ def _atomic_write(path: Path, write: Callable[[_HashingWriter], None]) -> str:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as handle:
-            writer = _HashingWriter(handle)
+            writer = HashingWriter(handle)
             write(writer)
             handle.flush()
             os.fsync(handle.fileno())
@@ -122,16 +101,6 @@ def _atomic_write(path: Path, write: Callable[[_HashingWriter], None]) -> str:
 def atomic_save(obj: object, path: Path) -> str:
     """torch.save `obj` to `path` atomically, with `path.sha256` beside it; returns the SHA-256."""
     return _atomic_write(path, lambda handle: torch.save(obj, handle))
-
-
-def copy_checkpoint(source: Path, target: Path) -> str:
-    """Copy a verified checkpoint (and its checksum) atomically; returns the SHA-256."""
-    expected = verify_checksum(source)
-    with open(source, "rb") as handle:
-        digest = _atomic_write(target, lambda out: shutil.copyfileobj(handle, out, 1 << 20))
-    if digest != expected:
-        raise UserError(f"checkpoint '{source}' changed while it was copied to '{target}'; rerun")
-    return digest
 
 
 def verify_checksum(path: Path, expected: str | None = None) -> str:

@@ -113,7 +113,7 @@ class TrainParams:
     cuda_graphs: bool = True  # on one CUDA GPU, capture the training step once and replay it
     schedule: str = "constant"  # learning rate over training: constant (the study's), cosine or onecycle
     label_smoothing: float = 0.0  # the study's plain cross-entropy; e.g. 0.1 for tuned profiles
-    save_every_s: float = 60.0  # resume state (and MLflow's epoch metrics) at most this often; 0: every epoch
+    save_every_s: float = 60.0  # resume state (and MLflow's epoch metrics) at most this often; 0: every epoch but the last
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,12 @@ import json
 import tempfile
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 
-from .checksums import file_sha256
+from .checksums import file_sha256, save_with_sha256
 from .config import Params, PreprocessParams, UserError
 
 IMAGE_COLUMN = "image"
@@ -151,17 +152,22 @@ class ImageClassifier(ServedClassifier):
         import torch
 
         from . import models
-        from .preprocess import make_cropper
 
         config = json.loads(Path(config_path).read_text())
         verify_weights(Path(weights), config.get("weights_sha256"))
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        return self.use(models.restore_model(config["architecture"], len(config["class_names"]), state), config)
+
+    def use(self, model, config: dict) -> ImageClassifier:
+        """Serve `model` (a TransferNet on the CPU) with config.json's settings."""
+        from .preprocess import make_cropper
+
         self.class_names = config["class_names"]
         self.image_size = config["image_size"]
         self.preprocess = PreprocessParams(**config["preprocess"])
         self.tta = bool(config.get(TTA, False))
         self.temperature = float(config.get(TEMPERATURE, 1.0))
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        self.model = models.restore_model(config["architecture"], len(self.class_names), state)
+        self.model = model.eval()
         self.cropper = make_cropper(self.preprocess)
         return self
 
@@ -244,45 +250,65 @@ def requirements(croppers: tuple[str, ...] = ()) -> list[str]:
     return [mlflow] + [f"{n}=={installed(n)}" for n in names]
 
 
+def check_answer(classifier: ServedClassifier, class_names: list[str]) -> None:
+    """A model's own answer to a request of two plain images, checked before it is logged: the
+    signature's columns, in order, and probabilities that sum to 1. In place of MLflow's input-example
+    validation, which loads the logged model back from disk (VGG-19: seconds); `mlflow models
+    serve` itself is tested against real HTTP requests (tests/test_serve.py)."""
+    answer = classifier.predict(None, example_images())
+    columns = ["label"] + [f"prob_{name}" for name in class_names]
+    sums = answer[columns[1:]].sum(axis=1).to_numpy() if list(answer.columns) == columns else None
+    if sums is None or len(answer) != 2 or not np.allclose(sums, 1.0, atol=1e-4):
+        raise RuntimeError(f"the model to be logged answers a two-image request with {list(answer.columns)} "
+                           f"({len(answer)} rows, probability sums {sums}); expected {columns}")
+
+
 def log_pyfunc(python_model: ServedClassifier, artifacts: dict[str, str], class_names: list[str],
-               croppers: tuple[str, ...], name: str = "model"):
+               croppers: tuple[str, ...], name: str = "model", loaded: ServedClassifier | None = None):
     """Log a served model under the active run: its artifacts, this package's code, the request
-    and answer signature, an input example and pinned requirements. Gives back MLflow's ModelInfo."""
+    and answer signature and pinned requirements. Gives back MLflow's ModelInfo.
+
+    First the model answers a request (check_answer): `loaded`, the same model already in memory,
+    or else a fresh instance loaded from `artifacts` (never `python_model`, which MLflow pickles)."""
     import mlflow
 
-    return mlflow.pyfunc.log_model(
-        name=name,
-        python_model=python_model,
-        artifacts=artifacts,
-        code_paths=[str(Path(__file__).resolve().parent)],
-        signature=model_signature(list(class_names)),
-        input_example=example_images(),
-        pip_requirements=requirements(croppers),
-    )
+    if loaded is None:
+        loaded = type(python_model)()
+        loaded.load_context(SimpleNamespace(artifacts=artifacts))
+    check_answer(loaded, list(class_names))
+    with warnings.catch_warnings():  # MLflow asks for an input example; check_answer did its work
+        warnings.filterwarnings("ignore", ".*An input example was not provided")  # (it starts with a colour code)
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=python_model,
+            artifacts=artifacts,
+            code_paths=[str(Path(__file__).resolve().parent)],
+            signature=model_signature(list(class_names)),
+            pip_requirements=requirements(croppers),
+        )
 
 
 def log_servable_model(model, architecture: str, class_names: list[str], image_size: int,
                        params: Params, checkpoint: Path):
-    """Log the trained weights as an ImageClassifier pyfunc under the active run's `model`."""
-    import torch
-
+    """Log the trained weights (`model`, on the CPU) as an ImageClassifier pyfunc under the active
+    run's `model`: the weights file is written once, hashed as it is written."""
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "weights.pt"
-        torch.save(model.state_dict(), weights)
-        config = Path(tmp) / "config.json"  # records the weights' SHA-256, checked in load_context
-        config.write_text(json.dumps({
+        config = {
             "architecture": architecture,
             "class_names": list(class_names),
             "image_size": image_size,
             "aux_logits": bool(getattr(model, "aux_head", None) is not None),
             "preprocess": dataclasses.asdict(params.preprocess),
             "checkpoint": checkpoint.name,
-            "weights_sha256": file_sha256(weights),
+            "weights_sha256": save_with_sha256(model.state_dict(), weights),  # checked in load_context
             TTA: False,
             TEMPERATURE: 1.0,
-        }, indent=2))
-        return log_pyfunc(ImageClassifier(), {"weights": str(weights), "config": str(config)}, class_names,
-                          (params.preprocess.cropper,))
+        }
+        config_path = Path(tmp) / "config.json"
+        config_path.write_text(json.dumps(config, indent=2))
+        return log_pyfunc(ImageClassifier(), {"weights": str(weights), "config": str(config_path)}, class_names,
+                          (params.preprocess.cropper,), loaded=ImageClassifier().use(model, config))
 
 
 def classifier_files(model_dir: Path) -> tuple[Path, Path]:

@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from . import distributed, models, serve, tracking
 from .cells import Cell, runs_per_group
-from .checkpoints import (CHECKPOINT_DIR, WorkDir, atomic_save, copy_checkpoint, load_checkpoint,
-                          result_fingerprint, stale_work_dirs)
+from .checkpoints import (CHECKPOINT_DIR, WorkDir, atomic_save, load_checkpoint, result_fingerprint,
+                          stale_work_dirs)
 from .config import Params, UserError, flatten_params, recorded_dataset_md5
 from .distributed import SINGLE_PROCESS, World
 from .imagestore import DeviceImages, TrainingData
@@ -89,8 +89,6 @@ def train_cell(params: Params, cell: Cell, root: Path, tracking_uri: str, world:
     work = WorkDir(root / CHECKPOINT_DIR / f"{cell.name}-{fingerprint}")
 
     device = world.device(pick_device())
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its kernels once
     seed_everything(cell.seed)
     with world.main_first():  # rank 0 builds the image store; the others then read it
         data = TrainingData(manifest, root, size, root / CHECKPOINT_DIR / "stores")
@@ -182,9 +180,10 @@ class EpochRecorder:
 
     In that order, so no epoch is logged twice or lost: a crash before a save redoes the epochs
     since the last one, a crash after it resumes there and logs what the store missed
-    (RunTracker.log_missing_epochs). A save is due every `train.save_every_s` seconds and after
-    the last epoch: on a GPU an epoch takes a second, and writing VGG-19's 1.6 GB of weights and
-    optimiser state after each would take longer than the training.
+    (RunTracker.log_missing_epochs). A save is due every `train.save_every_s` seconds: on a GPU an
+    epoch takes a second, and writing VGG-19's 1.6 GB of weights and optimiser state after each
+    would take longer than the training. The last epoch saves nothing: _finish_cell writes the run
+    folder from memory and logs what is left (a crash in between redoes the epochs since the last save).
     """
 
     def __init__(self, trainer: Trainer, work: WorkDir, tracker: tracking.RunTracker,
@@ -213,7 +212,8 @@ class EpochRecorder:
             self.best_val, self.best_epoch = val_acc, epoch
             self.best_weights = {"model": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
                                  "epoch": epoch, "val_acc": val_acc, "class_names": self.class_names}
-        if epoch == self.epochs or time.perf_counter() - self.last_save >= self.save_every_s:
+        # The last epoch writes no resume state: the run folder follows at once (_finish_cell).
+        if epoch < self.epochs and time.perf_counter() - self.last_save >= self.save_every_s:
             self.save(epoch)
         log(f"[{self.cell.name}] epoch {epoch}/{self.epochs} train_loss={train_loss:.4f} train_acc={train_acc:.4f} "
             f"val_loss={val_loss:.4f} val_acc={val_acc:.4f} ({row['seconds']:.1f}s)")
@@ -229,9 +229,20 @@ class EpochRecorder:
                  "run_id": self.tracker.run_id}
         self.work.save_epoch(state, self.best_weights)
         self.best_sha256, self.best_weights = state["best_sha256"], None
+        self.log_unlogged()
+        self.last_save = time.perf_counter()
+
+    def log_unlogged(self) -> None:
+        """Log the epochs finished since the last save to MLflow."""
         for row in self.unlogged:
             self.tracker.log_metrics(tracking.epoch_metrics(row), step=row["epoch"])
-        self.unlogged, self.last_save = [], time.perf_counter()
+        self.unlogged = []
+
+    def best_checkpoint(self) -> dict:
+        """The best epoch's checkpoint: from memory when no save wrote it yet, else its verified file."""
+        if self.best_weights is not None:
+            return self.best_weights
+        return load_checkpoint(self.work.best_file(self.best_epoch), self.best_sha256)
 
 
 def _train_epochs(trainer: Trainer, images: DeviceImages, train_rows: np.ndarray, params: Params, cell: Cell,
@@ -303,25 +314,33 @@ def progress_line(name: str, label: str, done: int, total: int, elapsed_s: float
 def _finish_cell(trainer: Trainer, data: TrainingData, images: DeviceImages, params: Params, cell: Cell,
                  run_dir: Path, work: WorkDir, tracker: tracking.RunTracker, recorder: EpochRecorder,
                  run_info: dict) -> dict:
-    """Write the run folder (checkpoints, predictions, history, run.json), log the model and
-    finish the MLflow run, then remove the resume state. Returns run.json's content."""
+    """Write the run folder (checkpoints, predictions, history, run.json), log the last epochs'
+    metrics and the model, finish the MLflow run, then remove the resume state. Returns run.json's
+    content. Each checkpoint is written once and hashed as it is written; the chosen weights are
+    taken from memory, not read back."""
     t = params.train
     if not recorder.history:
         raise UserError(f"'{work.path}' holds no finished epoch; delete it and rerun")
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
-    copy_checkpoint(work.best_file(recorder.best_epoch), best_path)
+    best = recorder.best_checkpoint()
+    atomic_save(best, best_path)
     final = recorder.history[-1]
     atomic_save({"model": trainer.model.state_dict(), "epoch": final["epoch"], "val_acc": final["val_acc"],
                  "class_names": data.class_names}, last_path)
     chosen = best_path if t.checkpoint == "best" else last_path
-    trainer.model.load_state_dict(load_checkpoint(chosen)["model"])
+    if t.checkpoint == "best":
+        trainer.model.load_state_dict(best["model"])
+    del best
+    predicting = time.perf_counter()
     probs, labels = trainer.predict(images.in_order(np.arange(len(images)), PREDICT_BATCH))
+    log(f"[{cell.name}] predicted all {len(labels):,} images in {time.perf_counter() - predicting:.1f}s")
     predictions = pd.DataFrame({"path": data.manifest["path"], "split": data.manifest["split"],
                                 "label": labels, "pred": probs.argmax(1)})
     for k in range(probs.shape[1]):
         predictions[f"prob_{k}"] = probs[:, k]
     predictions.to_csv(run_dir / "predictions.csv", index=False)
     pd.DataFrame(recorder.history).to_csv(run_dir / "history.csv", index=False)
+    recorder.log_unlogged()
     tracker.log_artifact(str(run_dir / "history.csv"))
     model = trainer.model.cpu()
     model_info = tracker.log_model(lambda: serve.log_servable_model(
