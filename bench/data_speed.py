@@ -1,8 +1,7 @@
 """Section `data`: the data pipeline alone (decode + augment, no model), images/s.
 
-Fast path: gather uint8 rows of the memmap store (each epoch's loader as `train_cell` builds
-it, with the same workers and pinning), copy to the device, kornia augmentation and normalisation
-there. Baseline: ImageFolder + PIL transforms in 2 workers (bench/baseline.py), batches copied to
+Fast path: gather uint8 rows of the store where training keeps it (imagestore.DeviceImages, as
+`train_cell` does: no workers), DeviceAugment and normalisation on the device. Baseline: ImageFolder + PIL transforms in 2 workers (bench/baseline.py), batches copied to
 the device. Both end with a normalised float batch on the training device.
 
 Fast and baseline windows alternate, as in the train section. Also reported: the one-off
@@ -18,6 +17,7 @@ from baseline import standard_loader, standard_transform, train_folder
 from table import Row
 from timing import SteadyStateBatches, alternate_windows
 from transfer_study import transforms
+from transfer_study.trainer import channels_last_on
 from workspace import BATCH_SIZE, BatchPlan, Workspace, epoch_batches
 
 DATA_MODEL_TARGET = 3.0
@@ -26,7 +26,7 @@ DATA_MODEL_TARGET = 3.0
 def _plan(ws: Workspace) -> BatchPlan:
     # Windows of about one epoch (1,260 train images = 40 batches): the pipeline alone is fast,
     # and a short window would mostly time the clock.
-    return BatchPlan(warmup=max(3, ws.plan.warmup), batches=40, windows=ws.plan.windows)
+    return BatchPlan(warmup=max(3, ws.plan.warmup), batches=min(40, 5 * ws.plan.batches), windows=ws.plan.windows)
 
 
 def fast_pipeline_window(ws: Workspace, size: int):
@@ -34,7 +34,7 @@ def fast_pipeline_window(ws: Workspace, size: int):
     data = ws.training_data(size)
     augment = transforms.DeviceAugment(ws.params.train.augment)
     images, rows = data.on_device(ws.device), data.rows("train")
-    channels_last = ws.device.type == "cuda"
+    channels_last = channels_last_on(ws.device)
     epochs = iter(range(1, 1_000_000))
     plan = _plan(ws)
 
@@ -45,7 +45,7 @@ def fast_pipeline_window(ws: Workspace, size: int):
         with torch.no_grad():
             for images_u8, _labels in batches:
                 transforms.normalize(augment(transforms.to_model_input(images_u8, ws.device, channels_last)))
-        return batches.rates[0]
+        return batches.result()
 
     return window
 
@@ -60,7 +60,7 @@ def baseline_pipeline_window(ws: Workspace, size: int):
                                      ws.device)
         for images, labels in batches:
             images.to(ws.device), labels.to(ws.device)
-        return batches.rates[0]
+        return batches.result()
 
     return window
 
@@ -75,7 +75,7 @@ def run(ws: Workspace) -> tuple[list[Row], dict]:
         fast, base = alternate_windows(fast_window, base_window, ws.plan.windows)
         results[size] = {"fast": fast, "baseline": base}
         rows.append(Row("data", f"pipeline alone {size} px", "img/s", fast["img_s"], base["img_s"],
-                        note=f"fast: {ws.workers} workers; baseline: 2 workers + PIL",
+                        note="fast: store gather + DeviceAugment, no workers; baseline: 2 workers + PIL",
                         extra={"fast": fast, "baseline": base}))
         images = len(ws.manifest)
         baseline_epoch = images / base["img_s"]

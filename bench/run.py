@@ -72,11 +72,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", nargs="?", const="auto",
                    help="also write JSON (default path: bench/results/<host>-<date>.json)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, stores)")
+    p.add_argument("--root", type=Path, default=ROOT, help="the project whose data is measured (tests: a tiny one)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    root = args.root.resolve()
     from transfer_study.config import UserError, tracking_uri
     from workspace import BatchPlan, Workspace, require_split_data
 
@@ -96,7 +98,7 @@ def main(argv=None) -> int:
     plan = BatchPlan(warmup=args.warmup or (10 if cuda else 3), batches=args.batches or (20 if cuda else 8),
                      windows=args.windows or 3)
     try:
-        require_split_data(ROOT)
+        require_split_data(root)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -123,7 +125,7 @@ def main(argv=None) -> int:
     train_results, data_results = {}, {}
     ws = None
     if {"train", "data", "e2e"} & set(sections):
-        ws = Workspace(ROOT, device, profile, archs, args.conditions.split(","), plan, tmp, args.weights_dir)
+        ws = Workspace(root, device, profile, archs, args.conditions.split(","), plan, tmp, args.weights_dir)
 
     if "data" in sections:
         import data_speed
@@ -153,19 +155,19 @@ def main(argv=None) -> int:
     if "e2e" in sections:
         import e2e_time
 
-        section("e2e", lambda: e2e_time.run(ROOT, ws.params if profile == "quick" else _quick_params(ROOT),
+        section("e2e", lambda: e2e_time.run(root, ws.params if profile == "quick" else _quick_params(root),
                                             "params.quick.yaml", tmp, train_results if profile == "quick" else {},
                                             len(ws.train_rows), args.e2e_timeout, args.e2e_epochs))
     if "serve" in sections:
         import serve_speed
 
-        section("serve", lambda: serve_speed.run(ROOT, _quick_params(ROOT), args.tracking_uri or tracking_uri(ROOT),
+        section("serve", lambda: serve_speed.run(root, _quick_params(root), args.tracking_uri or tracking_uri(root),
                                                  args.serve_seconds, tmp))
     if "scale" in sections:
         import scaling
 
         per_class = [int(x) for x in (args.scale_per_class or ("300,3000,6000" if cuda else "300,3000")).split(",")]
-        size = _profile_params(ROOT, profile).train.image_size["efficientnet_lite0"]
+        size = _profile_params(root, profile).train.image_size["efficientnet_lite0"]
         scale_train = cuda if args.scale_train is None else args.scale_train
         section("scale", lambda: scaling.run(per_class, size, device, tmp, scale_train,
                                              fmnist_source=args.fmnist_source))
@@ -184,13 +186,16 @@ def main(argv=None) -> int:
         log(f"kept {tmp}")
     else:
         shutil.rmtree(tmp, ignore_errors=True)
-    return 0
+    failed = [r for r in all_rows if r.measure == "section failed" or r.note.startswith("failed")]
+    return 1 if failed else 0
 
 
 def _profile_params(root: Path, profile: str):
     from transfer_study.config import load_params
 
-    return load_params(root / ("params.quick.yaml" if profile == "quick" else "params.yaml"))
+    from workspace import profile_params_file
+
+    return load_params(root / profile_params_file(profile))
 
 
 def _quick_params(root: Path):

@@ -39,7 +39,8 @@ class SteadyStateBatches:
     previous step has finished (the loops here call `loss.item()` or `sync`). When the source
     runs dry it is remade, i.e. a new epoch starts, as it would in training.
 
-    After iteration, `rates` holds images/s of each window.
+    After iteration, `rates` holds images/s of each window and `cpu_ms` the CPU milliseconds per
+    image that this process and its DataLoader workers spent in it (cpu_seconds).
     """
 
     def __init__(self, make_batches: Callable[[], Iterator], warmup: int, batches: int, windows: int,
@@ -47,19 +48,25 @@ class SteadyStateBatches:
         self.make_batches, self.warmup, self.batches, self.windows = make_batches, warmup, batches, windows
         self.device = device
         self.rates: list[float] = []
+        self.cpu_ms: list[float] = []
+
+    def result(self) -> tuple[float, float]:
+        """(images/s, CPU ms per image) of the first window: what a window function returns."""
+        return self.rates[0], self.cpu_ms[0]
 
     def __iter__(self):
         source = iter(self.make_batches())
         total = self.warmup + self.batches * self.windows
-        started, images = 0.0, 0
+        started, cpu_started, images = 0.0, 0.0, 0
         for i in range(total + 1):
             measured = i - self.warmup
             if measured >= 0 and measured % self.batches == 0:
                 sync(self.device)
-                now = time.perf_counter()
+                now, cpu = time.perf_counter(), cpu_seconds()
                 if measured > 0:  # close the window that just ended
                     self.rates.append(images / (now - started))
-                started, images = now, 0
+                    self.cpu_ms.append(1000 * (cpu - cpu_started) / images)
+                started, cpu_started, images = now, cpu, 0
             if i == total:
                 return
             try:
@@ -75,16 +82,51 @@ class SteadyStateBatches:
         return statistics.median(self.rates) if self.rates else float("nan")
 
 
-def alternate_windows(fast_window: Callable[[], float], baseline_window: Callable[[], float],
-                      windows: int) -> tuple[dict, dict]:
+def alternate_windows(fast_window: Callable[[], float | tuple[float, float]],
+                      baseline_window: Callable[[], float | tuple[float, float]], windows: int) -> tuple[dict, dict]:
     """Run fast and baseline windows in turn (ABAB...), so that load from other work on a shared
-    machine falls on both alike; the median rate of each path and every window's rate."""
+    machine falls on both alike; the median rate of each path and every window's rate, and the
+    median CPU ms per image where a window gives one (a window returns a rate or (rate, CPU ms))."""
     fast, base = [], []
     for _ in range(windows):
         fast.append(fast_window())
         base.append(baseline_window())
-    return ({"img_s": statistics.median(fast), "windows": fast},
-            {"img_s": statistics.median(base), "windows": base})
+    return _window_summary(fast), _window_summary(base)
+
+
+def _window_summary(results: list) -> dict:
+    rates = [r[0] if isinstance(r, tuple) else r for r in results]
+    summary = {"img_s": statistics.median(rates), "windows": rates}
+    cpu = [r[1] for r in results if isinstance(r, tuple)]
+    if cpu:
+        summary["cpu_ms_per_img"] = statistics.median(cpu)
+    return summary
+
+
+def cpu_seconds() -> float:
+    """CPU seconds used so far by this process (every thread) and its live child processes (the
+    standard recipe's DataLoader workers). On a shared machine a path with more processes gets a
+    larger share of the cores, so wall-clock ratios drift with the load; CPU time per image does not."""
+    total = time.process_time()
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for pid in _child_pids():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass  # the child ended meanwhile
+    return total
+
+
+def _child_pids() -> list[int]:
+    """This process's children, from /proc (empty off Linux)."""
+    pids = []
+    try:
+        for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+            pids += [int(pid) for pid in (task / "children").read_text().split()]
+    except OSError:
+        pass
+    return pids
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[float, list[float]]:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from transfer_study import distributed, models
-from transfer_study.config import Params, UserError, load_params
+from transfer_study.config import SCRATCH_ONLY, Params, UserError, load_params
 from transfer_study.distributed import SINGLE_PROCESS
 from transfer_study.imagestore import DeviceImages, TrainingData
 from transfer_study.split import read_manifest
@@ -36,10 +36,12 @@ class BatchPlan:
 
 class Workspace:
     def __init__(self, root: Path, device: torch.device, profile: str, archs: list[str], conditions: list[str],
-                 plan: BatchPlan, tmp: Path, weights_dir: Path | None = None):
+                 plan: BatchPlan, tmp: Path, weights_dir: Path | None = None, params_file: Path | None = None):
+        """`profile` quick or study picks params.quick.yaml or params.yaml in `root`; `params_file`,
+        when given, is read instead (gpu_study.py's own)."""
         self.root, self.device, self.plan, self.tmp = root, device, plan, tmp
         self.profile = profile
-        self.params: Params = load_params(root / ("params.quick.yaml" if profile == "quick" else "params.yaml"))
+        self.params: Params = load_params(params_file or root / profile_params_file(profile))
         self.archs, self.conditions = archs, conditions
         self.manifest = read_manifest(root / self.params.paths.manifest)
         self.cropped = root / self.params.paths.cropped
@@ -90,7 +92,7 @@ class Workspace:
         folder.mkdir(parents=True, exist_ok=True)
         placeholders = set()
         pretrained_needed = any(c != "scratch" for c in self.conditions)
-        for arch in self.archs if pretrained_needed else []:
+        for arch in [a for a in self.archs if a not in SCRATCH_ONLY] if pretrained_needed else []:
             target = folder / models.weights_file(arch)
             try:
                 target.symlink_to(models.resolve_weights(arch, user_dir, download=False))
@@ -98,6 +100,11 @@ class Workspace:
                 torch.save(_random_imagenet_state(arch), target)
                 placeholders.add(arch)
         return folder, placeholders
+
+
+def profile_params_file(profile: str) -> str:
+    """The params file of a profile: quick or study."""
+    return "params.quick.yaml" if profile == "quick" else "params.yaml"
 
 
 def epoch_batches(images: DeviceImages, rows: np.ndarray, seed: int):
