@@ -34,6 +34,28 @@ def cli(ctx: click.Context, params_path: str) -> None:
     ctx.obj["params_path"] = params_path
 
 
+@cli.command("check-params")
+def check_params() -> None:
+    """Check every DVC pipeline's params file as its stages will read it (dvc.yaml's first stage)."""
+    from .params_check import check_pipelines, write_note
+
+    lines = check_pipelines(_root())
+    note = write_note(_root())
+    click.echo("\n".join(lines + [f"wrote {note.name}"]))
+
+
+@cli.command("imagenet-classes")
+@click.argument("word", required=False, default="")
+def imagenet_classes(word: str) -> None:
+    """List ImageNet's class names (those containing WORD), for preprocess.targets."""
+    from .config import OBJECTNESS, TARGET_GROUPS
+    from .preprocess import imagenet_categories
+
+    names = [n for n in imagenet_categories() if word.lower() in n.lower()]
+    click.echo("\n".join(names) if names else f"no ImageNet class name contains {word!r}")
+    click.echo(f"(groups: {', '.join(TARGET_GROUPS)}; any object: [{OBJECTNESS}])", err=True)
+
+
 @cli.group()
 def data() -> None:
     """The raw dataset: fetch the default one, validate any."""
