@@ -198,6 +198,8 @@ def register(ctx: click.Context) -> None:
     click.echo(f"champion: {summary['name']} version {summary['version']}, {summary['kind']} of {members}, "
                f"temperature {summary['temperature']:g}; val macro-F1 {summary['val_f1']:.4f}, "
                f"test accuracy {summary['test_accuracy']:.4f} ({out / 'registry' / 'champion.json'})")
+    if summary["temperature_note"]:
+        click.echo(f"note: {summary['temperature_note']}")
 
 
 @cli.command()
