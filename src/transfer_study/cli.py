@@ -301,10 +301,16 @@ def pipeline(ctx: click.Context, skip_data: bool, skip_plan: bool) -> None:
 @click.option("--url", default="http://127.0.0.1:5000", show_default=True, help="The model server.")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def predict(url: str, images: tuple[Path, ...]) -> None:
-    """Classify IMAGES with a running `mlflow models serve`."""
+    """Classify IMAGES with a running `mlflow models serve`; a file that is not a readable image is
+    named and left out, the others are classified (exit status 1 if any was left out)."""
     from .client import predict_images
 
-    click.echo(predict_images(url, list(images)).to_string(index=False))
+    predictions = predict_images(url, list(images))
+    click.echo(predictions.frame.to_string(index=False))
+    for problem in predictions.skipped:
+        click.echo(f"error: {problem}", err=True)
+    if predictions.skipped:
+        raise UserError(f"{len(predictions.skipped)} of {len(images)} files not classified (named above)")
 
 
 def _cuda_available() -> bool:
