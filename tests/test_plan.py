@@ -144,6 +144,16 @@ def test_make_run_picks_the_quick_profile_without_a_gpu_and_says_so():
         plan.choose_profile("big", cuda=True)
 
 
+def test_ui_and_serve_open_the_profile_registered_last_whatever_the_machine():
+    """The issue's case: quick run on a GPU machine; `make serve` without PROFILE served the study's model."""
+    records = {"study": "registry/champion.json", "quick": "outputs/quick/registry/champion.json"}  # oldest first
+    profile, reason = plan.profile_to_open(None, cuda=True, registered=records)
+    assert profile == "quick" and "last registered (outputs/quick/registry/champion.json)" in reason
+    assert "PROFILE=study opens the other" in reason
+    assert plan.profile_to_open("study", cuda=False, registered=records)[0] == "study"  # asked for
+    assert plan.profile_to_open(None, cuda=True, registered={})[0] == "study"  # nothing registered yet
+
+
 def test_profiles_map_to_their_params_files():
     assert plan.profile_of("params.quick.yaml") == "quick" and plan.profile_of("params.yaml") == "study"
     assert plan.profile_of("mine.yaml") is None

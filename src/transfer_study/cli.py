@@ -225,12 +225,15 @@ def _print_plan(ctx: click.Context, skip_data: bool, estimate_only: bool, err: b
 @click.argument("requested", required=False, default="")
 @click.option("--params-file", is_flag=True, help="Print the profile's params file instead of its name.")
 @click.option("--estimate", is_flag=True, help="Without a CUDA GPU, also time the study profile (--params) here.")
+@click.option("--registered", is_flag=True,
+              help="Without REQUESTED, the profile whose champion was registered last (make ui, make serve).")
 @click.pass_context
-def profile(ctx: click.Context, requested: str, params_file: bool, estimate: bool) -> None:
+def profile(ctx: click.Context, requested: str, params_file: bool, estimate: bool, registered: bool) -> None:
     """Print the profile to run: REQUESTED (study|quick), else study on a CUDA GPU, quick without one."""
-    from .plan import PROFILES, choose_profile
+    from .plan import PROFILES, profile_to_open
 
-    chosen, reason = choose_profile(requested or None, False if requested else _cuda_available())
+    records = _champion_records() if registered and not requested else {}
+    chosen, reason = profile_to_open(requested or None, False if requested or records else _cuda_available(), records)
     click.echo(reason, err=True)
     if estimate and chosen != "study" and not requested:
         _print_plan(ctx, skip_data=False, estimate_only=True, err=True)  # stdout carries the choice alone
@@ -271,7 +274,8 @@ def serve(ctx: click.Context, port: int) -> None:
 
     uri, name = config.tracking_uri(), _params(ctx).tracking.registered_model
     check_champion(uri, name)
-    click.echo(f"serving models:/{name}@champion at http://{HOST}:{port} (Ctrl-C stops it)")
+    params_path = ctx.find_root().obj["params_path"]
+    click.echo(f"serving models:/{name}@champion ({params_path}) at http://{HOST}:{port} (Ctrl-C stops it)")
     exec_tool(serve_command(name, port=port), tool_environment(config.environment(), config.python_bin_dir(), uri))
 
 
@@ -311,6 +315,19 @@ def predict(url: str, images: tuple[Path, ...]) -> None:
         click.echo(f"error: {problem}", err=True)
     if predictions.skipped:
         raise UserError(f"{len(predictions.skipped)} of {len(images)} files not classified (named above)")
+
+
+def _champion_records() -> dict[str, str]:
+    """Each profile's registry/champion.json that exists, oldest first (register writes it last)."""
+    from .plan import PROFILES
+
+    found = {}
+    for name, params_file in PROFILES.items():
+        if (_root() / params_file).is_file():
+            record = Path(config.load_params(_root() / params_file).paths.outputs) / "registry" / "champion.json"
+            if (_root() / record).is_file():
+                found[name] = record
+    return {name: str(record) for name, record in sorted(found.items(), key=lambda kv: (_root() / kv[1]).stat().st_mtime)}
 
 
 def _cuda_available() -> bool:

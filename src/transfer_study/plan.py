@@ -189,6 +189,18 @@ def choose_profile(requested: str | None, cuda: bool) -> tuple[str, str]:
                      f"({PROFILES['study']}, days on a CPU); PROFILE=study chooses the study anyway")
 
 
+def profile_to_open(requested: str | None, cuda: bool, registered: dict[str, str]) -> tuple[str, str]:
+    """The profile `make ui` and `make serve` open, and why: the one asked for; else the one whose
+    champion was registered last (`registered`: profile → its registry/champion.json, newest
+    last), so the model served is the one just trained, whatever the machine; else as `make run`."""
+    if requested or not registered:
+        return choose_profile(requested, cuda)
+    profile, record = list(registered.items())[-1]
+    others = ", ".join(f"PROFILE={p}" for p in PROFILES if p != profile)
+    return profile, (f"the {profile} profile ({PROFILES[profile]}): its champion is the last registered ({record}); "
+                     f"{others} opens the other")
+
+
 def profile_of(params_path: str | Path) -> str | None:
     """The profile whose params file is `params_path`, or None for another file."""
     name = Path(params_path).as_posix()
