@@ -34,6 +34,28 @@ def cli(ctx: click.Context, params_path: str) -> None:
     ctx.obj["params_path"] = params_path
 
 
+@cli.command("check-params")
+def check_params() -> None:
+    """Check every DVC pipeline's params file as its stages will read it (dvc.yaml's first stage)."""
+    from .params_check import check_pipelines, write_note
+
+    lines = check_pipelines(_root())
+    note = write_note(_root())
+    click.echo("\n".join(lines + [f"wrote {note.name}"]))
+
+
+@cli.command("imagenet-classes")
+@click.argument("word", required=False, default="")
+def imagenet_classes(word: str) -> None:
+    """List ImageNet's class names (those containing WORD), for preprocess.targets."""
+    from .config import OBJECTNESS, TARGET_GROUPS
+    from .preprocess import imagenet_categories
+
+    names = [n for n in imagenet_categories() if word.lower() in n.lower()]
+    click.echo("\n".join(names) if names else f"no ImageNet class name contains {word!r}")
+    click.echo(f"(groups: {', '.join(TARGET_GROUPS)}; any object: [{OBJECTNESS}])", err=True)
+
+
 @cli.group()
 def data() -> None:
     """The raw dataset: fetch the default one, validate any."""
@@ -176,6 +198,8 @@ def register(ctx: click.Context) -> None:
     click.echo(f"champion: {summary['name']} version {summary['version']}, {summary['kind']} of {members}, "
                f"temperature {summary['temperature']:g}; val macro-F1 {summary['val_f1']:.4f}, "
                f"test accuracy {summary['test_accuracy']:.4f} ({out / 'registry' / 'champion.json'})")
+    if summary["temperature_note"]:
+        click.echo(f"note: {summary['temperature_note']}")
 
 
 @cli.command()
@@ -201,12 +225,15 @@ def _print_plan(ctx: click.Context, skip_data: bool, estimate_only: bool, err: b
 @click.argument("requested", required=False, default="")
 @click.option("--params-file", is_flag=True, help="Print the profile's params file instead of its name.")
 @click.option("--estimate", is_flag=True, help="Without a CUDA GPU, also time the study profile (--params) here.")
+@click.option("--registered", is_flag=True,
+              help="Without REQUESTED, the profile whose champion was registered last (make ui, make serve).")
 @click.pass_context
-def profile(ctx: click.Context, requested: str, params_file: bool, estimate: bool) -> None:
+def profile(ctx: click.Context, requested: str, params_file: bool, estimate: bool, registered: bool) -> None:
     """Print the profile to run: REQUESTED (study|quick), else study on a CUDA GPU, quick without one."""
-    from .plan import PROFILES, choose_profile
+    from .plan import PROFILES, profile_to_open
 
-    chosen, reason = choose_profile(requested or None, False if requested else _cuda_available())
+    records = _champion_records() if registered and not requested else {}
+    chosen, reason = profile_to_open(requested or None, False if requested or records else _cuda_available(), records)
     click.echo(reason, err=True)
     if estimate and chosen != "study" and not requested:
         _print_plan(ctx, skip_data=False, estimate_only=True, err=True)  # stdout carries the choice alone
@@ -247,7 +274,8 @@ def serve(ctx: click.Context, port: int) -> None:
 
     uri, name = config.tracking_uri(), _params(ctx).tracking.registered_model
     check_champion(uri, name)
-    click.echo(f"serving models:/{name}@champion at http://{HOST}:{port} (Ctrl-C stops it)")
+    params_path = ctx.find_root().obj["params_path"]
+    click.echo(f"serving models:/{name}@champion ({params_path}) at http://{HOST}:{port} (Ctrl-C stops it)")
     exec_tool(serve_command(name, port=port), tool_environment(config.environment(), config.python_bin_dir(), uri))
 
 
@@ -277,10 +305,29 @@ def pipeline(ctx: click.Context, skip_data: bool, skip_plan: bool) -> None:
 @click.option("--url", default="http://127.0.0.1:5000", show_default=True, help="The model server.")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def predict(url: str, images: tuple[Path, ...]) -> None:
-    """Classify IMAGES with a running `mlflow models serve`."""
+    """Classify IMAGES with a running `mlflow models serve`; a file that is not a readable image is
+    named and left out, the others are classified (exit status 1 if any was left out)."""
     from .client import predict_images
 
-    click.echo(predict_images(url, list(images)).to_string(index=False))
+    predictions = predict_images(url, list(images))
+    click.echo(predictions.frame.to_string(index=False))
+    for problem in predictions.skipped:
+        click.echo(f"error: {problem}", err=True)
+    if predictions.skipped:
+        raise UserError(f"{len(predictions.skipped)} of {len(images)} files not classified (named above)")
+
+
+def _champion_records() -> dict[str, str]:
+    """Each profile's registry/champion.json that exists, oldest first (register writes it last)."""
+    from .plan import PROFILES
+
+    found = {}
+    for name, params_file in PROFILES.items():
+        if (_root() / params_file).is_file():
+            record = Path(config.load_params(_root() / params_file).paths.outputs) / "registry" / "champion.json"
+            if (_root() / record).is_file():
+                found[name] = record
+    return {name: str(record) for name, record in sorted(found.items(), key=lambda kv: (_root() / kv[1]).stat().st_mtime)}
 
 
 def _cuda_available() -> bool:

@@ -26,6 +26,10 @@ SCRATCH_ONLY = ("small_cnn",)
 CONDITIONS = ("scratch", "frozen", "finetune")
 SCHEDULES = ("constant", "cosine", "onecycle")
 CROPPERS = ("none", "foreground", "cam", "proposals")
+# preprocess.targets: what `proposals` (and `cam`) look for. Named groups of ImageNet classes, any
+# ImageNet class by its name (preprocess.py checks the names), or OBJECTNESS alone: any object.
+TARGET_GROUPS = ("garments",)
+OBJECTNESS = "objectness"
 INCEPTION_MIN_SIZE = 75
 # The version DVC records in data.dvc for the default dataset (`transfer-study data fetch` with the
 # default data params writes the same bytes everywhere). Only runs on this version are compared
@@ -70,6 +74,9 @@ class PreprocessParams:
     foreground_threshold: float = 0.1  # fraction of the max distance from the background colour
     cam_threshold: float = 0.5  # fraction of the CAM's maximum
     cam_input_size: int = 224
+    # What `proposals` looks for: ImageNet classes (a group such as garments, or class names such as
+    # daisy, church), or [objectness]: the region most like any ImageNet object, whatever its class.
+    targets: tuple[str, ...] = ("garments",)
 
 
 @dataclass(frozen=True)
@@ -371,12 +378,27 @@ def _check(params: Params) -> None:
         raise ConfigError(f"preprocess.cropper = {p.cropper!r}; choose from {', '.join(CROPPERS)}")
     if p.fit not in ("letterbox", "center"):
         raise ConfigError(f"preprocess.fit = {p.fit!r}; use 'letterbox' or 'center'")
+    _check_targets(p)
     needed = model_input_size(t)
     if p.size < needed:
         raise ConfigError(
             f"preprocess.size = {p.size} is smaller than the largest train.image_size ({needed}); "
             f"store crops at least that large"
         )
+
+
+def _check_targets(p: PreprocessParams) -> None:
+    """preprocess.targets: at least one; objectness alone, and only for `proposals` (a CAM needs classes).
+    The ImageNet class names are checked where the classes are known (preprocess.target_classes)."""
+    if not p.targets:
+        raise ConfigError("preprocess.targets is empty; give ImageNet classes or a group, e.g. [garments], "
+                          f"or [{OBJECTNESS}]")
+    if OBJECTNESS in p.targets and len(p.targets) > 1:
+        raise ConfigError(f"preprocess.targets = {list(p.targets)}: {OBJECTNESS} looks for any object, so it "
+                          f"stands alone; use [{OBJECTNESS}] or a list of classes")
+    if OBJECTNESS in p.targets and p.cropper == "cam":
+        raise ConfigError(f"preprocess.targets = [{OBJECTNESS}] needs cropper proposals (a class-activation map "
+                          f"needs classes); set preprocess.cropper: proposals or name the classes")
 
 
 def _check_split_repeats(s: SplitParams) -> None:
@@ -407,21 +429,72 @@ def _check_scratch_only(t: TrainParams) -> None:
             )
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and check a params file; raise ConfigError naming the file and param at fault."""
-    path = Path(path)
+def _read_yaml(path: Path) -> Any:
+    """A params file's YAML content ({} when empty); ConfigError when missing or not YAML."""
     if not path.is_file():
         raise ConfigError(f"params file '{path}' not found; run from the project root or pass --params")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"params file '{path}' is not valid YAML: {exc}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and check a params file; raise ConfigError naming the file and param at fault."""
+    path = Path(path)
+    raw = _read_yaml(path)
     try:
         params = _build(Params, raw, "")
         _check(params)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return params
+
+
+def _default_of(key: str) -> Any:
+    """The default of a dotted param key ('train.epochs'), from the dataclasses; None when unknown."""
+    value: Any = Params()
+    for part in key.split("."):
+        if dataclasses.is_dataclass(value) and part in {f.name for f in dataclasses.fields(value)}:
+            value = getattr(value, part)
+        elif isinstance(value, dict) and part in value:
+            value = value[part]
+        else:
+            return None
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+def missing_keys(raw: Any, keys: list[str]) -> list[str]:
+    """The dotted keys (`train.epochs`, `preprocess`) that the YAML mapping `raw` does not hold."""
+    def present(key: str) -> bool:
+        value = raw
+        for part in key.split("."):
+            if not isinstance(value, dict) or part not in value:
+                return False
+            value = value[part]
+        return True
+
+    return [key for key in keys if not present(key)]
+
+
+def require_params(path: str | Path, keys: list[str], tracked_by: str) -> None:
+    """ConfigError naming the first of `keys` that the params file lacks. DVC reads each param a
+    stage lists (`tracked_by`: the pipeline) only when that stage runs, after it deleted the
+    stage's outputs, so a missing one must be found before `dvc repro` starts any stage."""
+    path = Path(path)
+    missing = missing_keys(_read_yaml(path), keys)
+    if missing:
+        key = missing[0]
+        default = _default_of(key)
+        example = f", e.g. {key}: {_yaml_text(default)}" if default is not None else ""
+        more = f" (and {', '.join(missing[1:])})" if len(missing) > 1 else ""
+        raise ConfigError(f"{path}: {key}{more} is missing, and {tracked_by} tracks it; add it back{example}")
+
+
+def preprocess_params(record: dict) -> PreprocessParams:
+    """The preprocess settings written in a record (the crops' preprocess.json, a served model's
+    config.json) as typed params, checked as a params file's are (JSON lists become tuples)."""
+    return _build(PreprocessParams, record, "preprocess")
 
 
 def model_input_size(train: TrainParams) -> int:

@@ -40,6 +40,13 @@ TRANSIENT_ERROR_CODES = frozenset({
 MLFLOW_HTTP_RETRIES_VARIABLE = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
 # Set to "true" on the runs the pipeline's current state uses (evaluate.py moves it); the UI filters on it.
 PIPELINE_CURRENT_TAG = "pipeline_current"
+# What `make ui` opens in MLflow 3's UI. The experiment tag mlflow.experimentKind marks an experiment
+# as model training, so the UI opens on its runs table instead of the GenAI overview; a shared view
+# state (the experiment tag MLflow's own "share view" writes, opened by ?viewStateShareKey=) sets
+# the filter and the metric columns shown.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+CELLS_VIEW = "transfer-study-cells"
 
 
 class TrackingUnavailable(UserError):
@@ -383,3 +390,18 @@ def git_commit(root: Path) -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def cells_view_state(metrics: list[str]) -> dict:
+    """The runs table MLflow's UI opens with: the runs the pipeline's current state uses, with
+    `metrics` as columns (MLflow's view state keys: search facets and UI state)."""
+    columns = [f"metrics.`{metric}`" for metric in metrics]
+    return {"searchFilter": f"tags.{PIPELINE_CURRENT_TAG} = 'true'", "selectedColumns": columns,
+            "columnOrder": columns, "columnWidths": {column: 20 + 7 * len(metric) for column, metric in zip(columns, metrics)}}
+
+
+def set_cells_view(client, experiment_id: str, metrics: list[str]) -> None:
+    """Mark the experiment as model training and store the cells' view (cells_view_state) in it,
+    replacing the one an earlier run stored."""
+    client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG_PREFIX + CELLS_VIEW, json.dumps(cells_view_state(metrics)))
