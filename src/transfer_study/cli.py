@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -131,19 +132,37 @@ def weights_fetch(ctx: click.Context) -> None:
         click.echo(f"ok {path}")
 
 
+def _executor_option(function):
+    return click.option("--executor", type=click.Choice(config.EXECUTORS), default=None,
+                        help="local: one run after another here; ray: each run a task on the Ray cluster "
+                             "(RAY_ADDRESS). Default: executor.kind.")(function)
+
+
+def _with_executor(params: config.Params, executor: str | None) -> config.Params:
+    """Params with --executor, when given, in place of executor.kind."""
+    if executor is None:
+        return params
+    return dataclasses.replace(params, executor=dataclasses.replace(params.executor, kind=executor))
+
+
 @cli.command()
 @click.option("--arch", default=None, help="One architecture of train.architectures (default: all).")
 @click.option("--condition", default=None, help="One condition of train.conditions (default: all).")
+@click.option("--run", "variant", default=None,
+              help="One run of the cell (s<seed>[-r<repeat>][-f<fraction>], as its run folder is named).")
+@_executor_option
 @click.pass_context
-def train(ctx: click.Context, arch: str | None, condition: str | None) -> None:
-    """Train the cells (architecture × condition × seed); one MLflow run each.
+def train(ctx: click.Context, arch: str | None, condition: str | None, variant: str | None,
+          executor: str | None) -> None:
+    """Train the cells (architecture × condition × seed × split × size); one MLflow run each.
 
-    Under `torchrun --nproc_per_node N -m transfer_study.cli train ...` each cell trains with DDP."""
+    Under `torchrun --nproc_per_node N -m transfer_study.cli train ...` each cell trains with DDP.
+    With the ray executor every run of the profile that is not done trains on the cluster at once."""
     from .cells import cells_for
     from .runs import mark_excluded
 
-    params = _params(ctx)
-    cells = cells_for(params, arch, condition)
+    params = _with_executor(_params(ctx), executor)
+    cells = cells_for(params, arch, condition, variant)
     if not cells and arch and condition:
         # dvc.yaml's train matrix has a stage for every arch × condition; an excluded one still leaves its out.
         folder = mark_excluded(_root() / params.paths.outputs / "models", arch, condition)
@@ -151,6 +170,12 @@ def train(ctx: click.Context, arch: str | None, condition: str | None) -> None:
         return  # before importing torch and MLflow: an excluded stage takes half a second
     if not cells:
         click.echo("every cell asked for is listed in train.exclude; nothing to train")
+        return
+    if params.executor.kind == "ray":
+        from .fanout import fan_out
+
+        fan_out(params, ctx.find_root().obj["params_path"], cells, _root(), config.tracking_uri(),
+                config.ray_address(params.executor))
         return
     from .distributed import process_group
     from .train import train_cell
@@ -207,18 +232,28 @@ def register(ctx: click.Context) -> None:
               help="The fetch, validate and preprocess stages will not run: the crops must exist.")
 @click.option("--estimate-only", is_flag=True,
               help="Only time the cells (for a profile you will not run): no weights, data or disk checks.")
+@_executor_option
 @click.pass_context
-def plan(ctx: click.Context, skip_data: bool, estimate_only: bool) -> None:
+def plan(ctx: click.Context, skip_data: bool, estimate_only: bool, executor: str | None) -> None:
     """Preflight: the cells, the device, a time estimate from real steps here; weights, data and
-    disk checked, so what would fail later fails now."""
-    _print_plan(ctx, skip_data, estimate_only)
+    disk checked, so what would fail later fails now. With the ray executor: the cluster's nodes
+    and GPUs, the weights checked and the steps timed on one of its nodes, the fan-out's wall time."""
+    _print_plan(ctx, skip_data, estimate_only, executor=executor)
 
 
-def _print_plan(ctx: click.Context, skip_data: bool, estimate_only: bool, err: bool = False) -> None:
+def _print_plan(ctx: click.Context, skip_data: bool, estimate_only: bool, err: bool = False,
+                executor: str | None = None) -> None:
     from .plan import format_plan, preflight
 
     params_path = ctx.find_root().obj["params_path"]
-    click.echo(format_plan(preflight(_params(ctx), params_path, _root(), skip_data, checks=not estimate_only)), err=err)
+    params = _with_executor(_params(ctx), executor)
+    if params.executor.kind == "ray":
+        from .fanout import plan_on_cluster
+
+        click.echo(plan_on_cluster(params, params_path, _root(), skip_data, not estimate_only,
+                                   config.ray_address(params.executor), config.tracking_uri()), err=err)
+        return
+    click.echo(format_plan(preflight(params, params_path, _root(), skip_data, checks=not estimate_only)), err=err)
 
 
 @cli.command()
@@ -236,7 +271,7 @@ def profile(ctx: click.Context, requested: str, params_file: bool, estimate: boo
     chosen, reason = profile_to_open(requested or None, False if requested or records else _cuda_available(), records)
     click.echo(reason, err=True)
     if estimate and chosen != "study" and not requested:
-        _print_plan(ctx, skip_data=False, estimate_only=True, err=True)  # stdout carries the choice alone
+        _print_plan(ctx, skip_data=False, estimate_only=True, err=True, executor="local")  # stdout: the choice alone
     click.echo(PROFILES[chosen] if params_file else chosen)
 
 

@@ -136,6 +136,27 @@ class TrackingParams:
     registered_model: str = "clothing-classifier"
 
 
+EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class ExecutorParams:
+    """Where `transfer-study train` runs a profile's runs: `local`, one after another in this
+    process, or `ray`, each run one task on a Ray cluster (fanout.py). Nothing here changes a result."""
+
+    kind: str = "local"  # local | ray
+    ray_address: str | None = None  # the Ray head, host:port, or auto (a cluster this machine is part of); null: RAY_ADDRESS
+    num_gpus: float = 1.0  # per run; a fraction packs several runs onto one GPU, 0 trains on CPUs
+    num_cpus: float | None = None  # per run; null: 0 when runs take a GPU (the GPUs bound how many run at once), else 1
+    max_retries: int = 3  # per run, when its node or process dies
+
+    @property
+    def cpus_per_run(self) -> float:
+        if self.num_cpus is not None:
+            return self.num_cpus
+        return 0.0 if self.num_gpus > 0 else 1.0
+
+
 @dataclass(frozen=True)
 class PathParams:
     raw: str = "data/raw"
@@ -155,6 +176,7 @@ class Params:
     evaluate: EvaluateParams = EvaluateParams()
     tracking: TrackingParams = TrackingParams()
     paths: PathParams = PathParams()
+    executor: ExecutorParams = ExecutorParams()
 
 
 # A param's expected type in words: (one value, several values in a list).
@@ -373,6 +395,7 @@ def _check(params: Params) -> None:
             f"split ratios train={s.train}, val={s.val}, test={s.test} must be positive and sum to 1"
         )
     _check_split_repeats(s)
+    _check_executor(params.executor)
     p = params.preprocess
     if p.cropper not in CROPPERS:
         raise ConfigError(f"preprocess.cropper = {p.cropper!r}; choose from {', '.join(CROPPERS)}")
@@ -415,6 +438,21 @@ def _check_split_repeats(s: SplitParams) -> None:
             raise ConfigError(f"split.train_fractions: {f!r} is not a fraction of the train split; use numbers in (0, 1]")
     if len(set(fractions)) < len(fractions):
         raise ConfigError(f"split.train_fractions = {list(fractions)} lists a fraction twice; list each once")
+
+
+def _check_executor(e: ExecutorParams) -> None:
+    """Values Ray would refuse, or that would start every run at once, caught while the params load."""
+    if e.kind not in EXECUTORS:
+        raise ConfigError(f"executor.kind = {e.kind!r}; choose from {', '.join(EXECUTORS)}")
+    if e.num_gpus < 0 or (e.num_gpus > 1 and not float(e.num_gpus).is_integer()):
+        raise ConfigError(f"executor.num_gpus = {e.num_gpus}; use 0, a fraction of one GPU (e.g. 0.5) or a whole number")
+    if e.num_cpus is not None and e.num_cpus < 0:
+        raise ConfigError(f"executor.num_cpus = {e.num_cpus}; use a number of at least 0, or null")
+    if e.num_gpus == 0 and e.cpus_per_run == 0:
+        raise ConfigError("executor.num_gpus and executor.num_cpus are both 0: nothing would limit how many runs "
+                          "a node starts at once; give CPU runs executor.num_cpus (e.g. 4)")
+    if e.max_retries < 0:
+        raise ConfigError(f"executor.max_retries = {e.max_retries}; use an integer of at least 0")
 
 
 def _check_scratch_only(t: TrainParams) -> None:
@@ -576,6 +614,28 @@ def tracking_uri(root: Path | None = None) -> str:
     if root is None:
         root = Path(os.environ["DVC_ROOT"]).resolve() if os.environ.get("DVC_ROOT") else project_root()
     return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def ray_address(executor: ExecutorParams) -> str:
+    """The Ray cluster to run on: executor.ray_address, else RAY_ADDRESS. Never a cluster started
+    on the fly: a forgotten address must not quietly train everything on this machine."""
+    address = executor.ray_address or os.environ.get("RAY_ADDRESS", "")
+    if not address:
+        raise ConfigError("executor.kind is ray but no cluster is named: set RAY_ADDRESS=<head host>:6379 (or "
+                          "executor.ray_address), or RAY_ADDRESS=auto on a machine that joined the cluster with "
+                          "`ray start`")
+    return address
+
+
+# What a run on another machine needs to reach the tracking server: its URI and credentials.
+TRACKING_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                      "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH",
+                      "MLFLOW_TRACKING_CLIENT_CERT_PATH")
+
+
+def tracking_environment(uri: str) -> dict[str, str]:
+    """MLFLOW_TRACKING_URI = `uri`, with this process's tracking credentials, for runs started elsewhere."""
+    return {"MLFLOW_TRACKING_URI": uri} | {k: os.environ[k] for k in TRACKING_VARIABLES if k in os.environ}
 
 
 def environment() -> dict[str, str]:

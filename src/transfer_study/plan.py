@@ -493,13 +493,33 @@ def device_name(device) -> str:
     return device.type
 
 
+@dataclass(frozen=True)
+class ThisMachine:
+    """Where the runs train unless told otherwise: here. Checks the weights files here and times
+    the models on this machine's device (fanout.RayNode does both on a node of a Ray cluster)."""
+
+    reachable: Callable[[str], bool] = url_reachable
+
+    def check_weights(self, cells: list[Cell], t: TrainParams) -> list[WeightsStatus]:
+        return check_weights(cells, Path(t.weights_dir) if t.weights_dir else None, self.reachable)
+
+    def estimate(self, params: Params, cells: list[Cell], sizes: SplitSizes, num_classes: int,
+                 thorough: bool) -> tuple[str, list[CellEstimate]]:
+        """The device's name and each cell's estimate, timed here."""
+        from .train import pick_device  # imports MLflow's pyfunc: after the checks, which must be quick
+
+        device = pick_device()
+        return device_name(device), estimate_cells(params, cells, sizes, num_classes, device, thorough=thorough)
+
+
 def preflight(params: Params, params_path: str, root: Path, skip_data: bool = False, checks: bool = True,
-              reachable: Callable[[str], bool] | None = None) -> Plan:
+              reachable: Callable[[str], bool] | None = None, host=None) -> Plan:
     """Check data, weights and disk, then time each architecture; without `checks` (a profile
     that will not run here), time it only, and roughly.
 
     The checks run first and raise UserError at the first problem, before anything is timed.
-    `reachable` tells whether a weights URL answers (default: url_reachable).
+    `reachable` tells whether a weights URL answers (default: url_reachable). `host` is where the
+    runs train, which checks the weights and times the models: ThisMachine unless given.
     """
     # A stage process starts by importing torch and then MLflow (train's imports): both are timed
     # here, where they happen anyway, as the start of each stage's process.
@@ -507,6 +527,7 @@ def preflight(params: Params, params_path: str, root: Path, skip_data: bool = Fa
     import torch  # noqa: F401  (the weights and disk checks need it)
 
     import_s = time.perf_counter() - started
+    host = host or ThisMachine(reachable or url_reachable)
     cells = cells_for(params)
     t = params.train
     state = read_data_state(params, root)
@@ -514,20 +535,19 @@ def preflight(params: Params, params_path: str, root: Path, skip_data: bool = Fa
     data, weights, disk = [], [], None
     if checks:
         data = data_lines(state, params, skip_data)
-        weights = check_weights(cells, Path(t.weights_dir) if t.weights_dir else None, reachable or url_reachable)
+        weights = host.check_weights(cells, t)
         footprints = [footprint(c, t, max(num_classes, 2)) for c in cells]
         needed = disk_needed(footprints, store_bytes(sizes.total, {t.image_size[c.architecture] for c in cells}))
         free = shutil.disk_usage(root).free
         check_disk(needed, free, root)
         disk = (needed, free, root)
     started = time.perf_counter()
-    from .train import pick_device  # imports MLflow's pyfunc: after the checks, which must be quick
+    from . import train  # noqa: F401  (imports MLflow's pyfunc: after the checks, which must be quick)
 
     import_s += time.perf_counter() - started
-    device = pick_device()
     started = time.perf_counter()
-    estimates = estimate_cells(params, cells, sizes, max(num_classes, 2), device, thorough=checks)
-    return Plan(params_path, device_name(device), estimates, sizes, time.perf_counter() - started,
+    device, estimates = host.estimate(params, cells, sizes, max(num_classes, 2), thorough=checks)
+    return Plan(params_path, device, estimates, sizes, time.perf_counter() - started,
                 pipeline_overhead(cells, import_s), data, weights, disk)
 
 

@@ -47,6 +47,8 @@ PIPELINE_CURRENT_TAG = "pipeline_current"
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 CELLS_VIEW = "transfer-study-cells"
+# Set on a run that was left RUNNING when its node died, and marked FAILED before the run was retried.
+ABANDONED_TAG = "abandoned"
 
 
 class TrackingUnavailable(UserError):
@@ -348,6 +350,50 @@ def start_cell_run(tracking_uri: str, spec: CellRun, resume_run_id: str | None,
                         f"({_short(exc)}); delete '{resume_dir}' to train the cell again") from None
     tracker.add_params_and_tags(spec.params, spec.tags)
     return tracker, experiment_id
+
+
+def finished_run_ids(tracking_uri: str, experiment_id: str) -> set[str]:
+    """The ids of the experiment's FINISHED runs (parent runs included)."""
+    from mlflow.tracking import MlflowClient
+
+    client, ids, token = MlflowClient(tracking_uri), set(), None
+    while True:
+        page = call_with_retry("find finished runs", lambda: client.search_runs(
+            [experiment_id], "attributes.status = 'FINISHED'", max_results=1000, page_token=token))
+        ids |= {run.info.run_id for run in page}
+        token = page.token
+        if not token:
+            return ids
+
+
+def fail_abandoned_runs(tracking_uri: str, experiment: str, run_name: str, fingerprint: str) -> list[str]:
+    """Mark FAILED the RUNNING runs named `run_name` with this result fingerprint, and return their
+    ids: a run whose node died stays RUNNING, and its resume state died with that node's disk.
+    Called only where that state would be, when it is not there (fanout_node.py)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = call_with_retry("get experiment", lambda: client.get_experiment_by_name(experiment))
+    if found is None:
+        return []
+    query = (f"attributes.run_name = '{run_name}' and params.`cell.fingerprint` = '{fingerprint}' "
+             "and attributes.status = 'RUNNING'")
+    runs = call_with_retry("find abandoned runs", lambda: client.search_runs([found.experiment_id], query))
+    for run in runs:
+        run_id = run.info.run_id
+        call_with_retry("tag abandoned run", lambda: client.set_tag(run_id, ABANDONED_TAG, "its node or process died"))
+        call_with_retry("fail abandoned run", lambda: client.set_terminated(run_id, "FAILED"))
+    return [run.info.run_id for run in runs]
+
+
+def experiment_artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Where experiment `experiment`'s runs put their artifacts (fixed when it was created); None
+    when it does not exist yet."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = call_with_retry("get experiment", lambda: client.get_experiment_by_name(experiment))
+    return None if found is None else found.artifact_location
 
 
 def dataset_digest(data_md5: str, manifest) -> str:
