@@ -307,8 +307,9 @@ def log_servable_model(model, architecture: str, class_names: list[str], image_s
         }
         config_path = Path(tmp) / "config.json"
         config_path.write_text(json.dumps(config, indent=2))
+        served = ImageClassifier().use(model, json.loads(config_path.read_text()))  # config.json as served reads it
         return log_pyfunc(ImageClassifier(), {"weights": str(weights), "config": str(config_path)}, class_names,
-                          (params.preprocess.cropper,), loaded=ImageClassifier().use(model, config))
+                          (params.preprocess.cropper,), loaded=served)
 
 
 def classifier_files(model_dir: Path) -> tuple[Path, Path]:
