@@ -245,6 +245,27 @@ def test_a_finished_run_writes_no_last_resume_state_and_logs_every_epoch_and_one
     assert all(torch.equal(served[k], best["model"][k].cpu()) for k in served), "the served weights are not best.pt's"
 
 
+def test_a_run_stopped_while_its_run_folder_is_written_trains_its_last_epoch_again_and_logs_it_once(
+        project, tracking_uri, monkeypatch):
+    """The last epoch saves no resume state: Ctrl-C while the model is logged (after the last epochs'
+    metrics were) resumes from the last save and trains that epoch again, logging it once."""
+    log_model, calls = serve.log_servable_model, []
+
+    def stopped_once(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return log_model(*args)
+
+    monkeypatch.setattr(serve, "log_servable_model", stopped_once)
+    with pytest.raises(KeyboardInterrupt):
+        _run_cell(project, tracking_uri, "small_cnn", "scratch", epochs=3, save_every_s=0.0)
+    _, run_dir = _run_cell(project, tracking_uri, "small_cnn", "scratch", epochs=3, save_every_s=0.0)
+    info = json.loads((run_dir / "run.json").read_text())
+    assert [m.step for m in MlflowClient(tracking_uri).get_metric_history(info["run_id"], "val_acc")] == [1, 2, 3]
+    assert len(pd.read_csv(run_dir / "history.csv")) == 3
+
+
 def test_changed_params_or_data_start_fresh_and_say_so(project, tracking_uri, monkeypatch, capsys):
     cell = Cell("efficientnet_lite0", "scratch", 0)
 

@@ -189,7 +189,8 @@ class EpochRecorder:
     (RunTracker.log_missing_epochs). A save is due every `train.save_every_s` seconds: on a GPU an
     epoch takes a second, and writing VGG-19's 1.6 GB of weights and optimiser state after each
     would take longer than the training. The last epoch saves nothing: _finish_cell writes the run
-    folder from memory and logs what is left (a crash in between redoes the epochs since the last save).
+    folder from memory and logs what is left (a crash in between redoes the epochs since the last save,
+    and logs none of them twice).
     """
 
     def __init__(self, trainer: Trainer, work: WorkDir, tracker: tracking.RunTracker,
@@ -204,6 +205,9 @@ class EpochRecorder:
         self.best_sha256: str | None = state["best_sha256"] if state else None
         self.best_weights: dict | None = None  # best weights not yet written (a copy, on the device)
         self.unlogged: list[dict] = []
+        # Epochs the store holds beyond the resume state: an attempt stopped while it wrote the run
+        # folder had logged them; training them again must not log them twice.
+        self.logged_before = set(tracker.logged_steps("val_acc")) if state else set()
         self.last_save = time.perf_counter()
 
     def record(self, epoch: int, train_loss: float, train_acc: float, started: float) -> None:
@@ -239,9 +243,10 @@ class EpochRecorder:
         self.last_save = time.perf_counter()
 
     def log_unlogged(self) -> None:
-        """Log the epochs finished since the last save to MLflow."""
+        """Log the epochs finished since the last save to MLflow (those the store lacks)."""
         for row in self.unlogged:
-            self.tracker.log_metrics(tracking.epoch_metrics(row), step=row["epoch"])
+            if row["epoch"] not in self.logged_before:
+                self.tracker.log_metrics(tracking.epoch_metrics(row), step=row["epoch"])
         self.unlogged = []
 
     def best_checkpoint(self) -> dict:
