@@ -235,3 +235,13 @@ def test_split_repeats_and_fractions_default_to_the_study_and_load_from_yaml(tmp
     path.write_text(yaml.safe_dump(raw))
     split = config.load_params(path).split
     assert split.repeats == 3 and split.train_fractions == (0.1, 0.25, 1)
+
+
+def test_replicates_and_the_external_set_are_checked_against_what_fashion_mnist_holds(tmp_path):
+    for data, match in (({"replicates": 21}, "data.replicates = 21; .* 1 to 20 disjoint replicates"),
+                        ({"replicates": 7, "per_class": 1000}, "1 to 6 disjoint replicates"),
+                        ({"replicates": 0}, "data.replicates = 0"),
+                        ({"external_per_class": 1001}, "data.external_per_class = 1001")):
+        (tmp_path / "p.yaml").write_text(yaml.safe_dump({"data": data}))
+        with pytest.raises(ConfigError, match=match):
+            config.load_params(tmp_path / "p.yaml")

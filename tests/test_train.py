@@ -302,3 +302,47 @@ def test_a_missing_requirement_stops_the_cell_before_training(project, tracking_
     with pytest.raises(UserError, match="torchvision is not installed"):
         train_cell(tiny_params(), Cell("resnet18", "scratch", 0), project, tracking_uri)
     assert not (project / "checkpoints").exists(), "training started before the check"
+
+
+def test_early_stopping_keeps_the_rules_best_epoch_and_records_how_the_run_ended(project, tracking_uri):
+    """run.json and metrics.json record the training rule's outcome on the run's own history
+    (stopping.progress), and best.pt holds the epoch the rule calls best."""
+    from transfer_study.config import EarlyStoppingParams
+    from transfer_study.stopping import progress, stop_rule
+
+    rule = EarlyStoppingParams(patience_steps=3, min_steps=0, max_steps=12, lr_reductions=1, lr_factor=0.5)
+    params, run_dir = _run_cell(project, tracking_uri, "small_cnn", "scratch", epochs=99, early_stopping=rule)
+    info = json.loads((run_dir / "run.json").read_text())
+    history = pd.read_csv(run_dir / "history.csv").to_dict("records")
+    decision = progress(history, stop_rule(params.train, 3))  # 12 training images, batches of 4
+    assert decision.stop and info["max_epochs"] == 4 and info["replicate"] == 0
+    assert {k: info[k] for k in ("epochs", "best_epoch", "hit_cap")} == {
+        "epochs": len(history), "best_epoch": decision.best_epoch, "hit_cap": decision.hit_cap}
+    assert json.loads((run_dir / "metrics.json").read_text())["best_epoch"] == decision.best_epoch
+    assert load_checkpoint(run_dir / "best.pt")["epoch"] == decision.best_epoch
+    run = MlflowClient(tracking_uri).get_run(info["run_id"])
+    assert run.data.tags["replicate"] == "0" and run.data.metrics["best_epoch"] == decision.best_epoch
+    assert run.data.params["train.early_stopping.patience_steps"] == "3"
+
+
+def test_a_frozen_backbone_with_flips_caches_each_image_and_its_mirror_image(project):
+    from transfer_study.config import AugmentParams
+
+    params = tiny_params(augment=AugmentParams(rotation=0.0, translate=0.0, hflip=True))
+    trainer = Trainer(params, Cell("efficientnet_lite0", "frozen", 0), 3, torch.device("cpu"))
+    data = imagestore.TrainingData(pd.read_csv(project / "data/split/manifest.csv"), project, 32, project / "cache")
+    batches = list(data.on_device(torch.device("cpu")).in_order(data.rows("train"), 4))
+    features, _ = trainer.cached_features(batches, mirrored=True)
+    images, _ = batches[0]
+    with torch.no_grad():
+        flipped = trainer.model.forward_features(
+            transforms.normalize(transforms.to_model_input(images.flip(3), torch.device("cpu"), False)))
+    assert features.shape[0] == 2
+    torch.testing.assert_close(features[1, : len(flipped)], flipped)
+    seen = []
+    trainer.trained = lambda batch: seen.append(batch.clone()) or trainer.model.head(batch)
+    trainer.train_head_epoch(features, torch.zeros(features.shape[1], dtype=torch.long), torch.Generator().manual_seed(0),
+                             None)
+    rows = torch.cat(seen)
+    from_mirror = [any(torch.equal(row, f) for f in features[1]) for row in rows]
+    assert 0 < sum(from_mirror) < len(rows), "every image, or none, was flipped"

@@ -11,7 +11,6 @@ the disk rule and the profile choice are pure functions; timing, files and the n
 from __future__ import annotations
 
 import dataclasses
-import math
 import shutil
 import time
 import urllib.error
@@ -42,22 +41,25 @@ KEPT_WEIGHT_COPIES = 5
 
 @dataclass(frozen=True)
 class SplitSizes:
-    """Images per split, and where the counts come from (the manifest, data/raw or the params)."""
+    """Images per split of one replicate, the external test set's images (predicted by every run),
+    and where the counts come from (the manifest, data/raw or the params)."""
 
     train: int
     val: int
     test: int
     source: str
+    external: int = 0
 
     @property
     def total(self) -> int:
-        return self.train + self.val + self.test
+        """The images a run predicts at the end: its replicate's and the external test set's."""
+        return self.train + self.val + self.test + self.external
 
 
-def expected_split_sizes(n_images: int, split: SplitParams, source: str) -> SplitSizes:
+def expected_split_sizes(n_images: int, split: SplitParams, source: str, external: int = 0) -> SplitSizes:
     """About how many of `n_images` each split gets (split.py rounds per class; this, overall)."""
     val, test = round(n_images * split.val), round(n_images * split.test)
-    return SplitSizes(n_images - val - test, val, test, source)
+    return SplitSizes(n_images - val - test, val, test, source, external)
 
 
 @dataclass(frozen=True)
@@ -79,27 +81,31 @@ class CellEstimate:
 
 
 def estimate_cell(cell: Cell, t: TrainParams, sizes: SplitSizes, timing: ModelTiming) -> CellEstimate:
-    """How long `cell` trains: train.epochs × (its steps per epoch over its share of the training
+    """How long `cell` trains: its epochs × (its steps per epoch over its share of the training
     images (cell.fraction) × a step's seconds + the validation images × a forward pass), plus a
-    forward pass over every image at the end.
+    forward pass over every image at the end (the external test set's included). Its epochs are
+    train.epochs, or under early stopping the cap (stopping.stop_rule): an upper bound.
 
     A frozen cell's step is its backbone's forward pass under no_grad (the head's share is
-    negligible); without augmentation that pass runs once, on cached features, as train.py does.
+    negligible); without augmentation, or with flips alone, that pass runs once (twice with flips),
+    on cached features, as train.py does, and its validation features are computed once too.
     Building the image store and logging the model add seconds per cell and are left out.
     """
-    from .transforms import augments  # imports torch: kept out of `make ui`'s start
+    from .stopping import epoch_steps, stop_rule
+    from .trainer import caches_features  # imports torch: kept out of `make ui`'s start
 
     train_images = round(sizes.train * cell.fraction)
-    steps = math.ceil(train_images / t.batch_size)
-    if t.max_batches_per_epoch is not None:
-        steps = min(steps, t.max_batches_per_epoch)
+    steps = epoch_steps(train_images, t)
+    epochs = stop_rule(t, steps).max_epochs
     frozen = cell.condition == "frozen"
-    cached = frozen and not augments(t.augment) and t.max_batches_per_epoch is None
+    cached = caches_features(cell.condition, t)
     step_s = timing.predict_s_per_image * t.batch_size if frozen else timing.train_step_s
-    epoch_s = (0.0 if cached else steps * step_s) + sizes.val * timing.predict_s_per_image
-    once_s = ((train_images if cached else 0) + sizes.total) * timing.predict_s_per_image
+    val_s = sizes.val * timing.predict_s_per_image
+    epoch_s = (0.0 if cached else steps * step_s) + (0.0 if frozen else val_s)
+    cache_images = train_images * (2 if t.augment.hflip else 1) if cached else 0
+    once_s = (cache_images + sizes.total) * timing.predict_s_per_image + (val_s if frozen else 0.0)
     return CellEstimate(cell, t.image_size[cell.architecture], t.batch_size / step_s, epoch_s,
-                        t.epochs * epoch_s + once_s)
+                        epochs * epoch_s + once_s)
 
 
 def step_seconds(batch_size: int, timed: list[tuple[int, float]]) -> float:
@@ -365,7 +371,7 @@ class DataState:
 
 def read_data_state(params: Params, root: Path) -> DataState:
     """Count raw images and read the manifest's split column (no image is opened)."""
-    from .split import read_manifest
+    from .split import external_rows, read_manifest, rows_for
 
     raw = root / params.paths.raw
     class_dirs = [d for d in sorted(raw.iterdir()) if d.is_dir()] if raw.is_dir() else []
@@ -375,9 +381,9 @@ def read_data_state(params: Params, root: Path) -> DataState:
     sizes, classes = None, 0
     if manifest_path.is_file():
         manifest = read_manifest(manifest_path)
-        counts = manifest["split"].value_counts()
+        counts = rows_for(manifest, 0, 1.0)["split"].value_counts()  # a replicate's; each is as large
         sizes = SplitSizes(int(counts.get("train", 0)), int(counts.get("val", 0)), int(counts.get("test", 0)),
-                           params.paths.manifest)
+                           params.paths.manifest, len(external_rows(manifest)))
         classes = manifest["label"].nunique()
     return DataState(raw_images, len(class_dirs), cropped, cropped.is_dir() and any(cropped.iterdir()), sizes,
                      classes)
@@ -388,10 +394,13 @@ def planned_sizes(state: DataState, params: Params) -> tuple[SplitSizes, int]:
     the default dataset's params (data.per_class × data.classes)."""
     if state.manifest_sizes is not None:
         return state.manifest_sizes, state.manifest_classes
+    external = params.data.external_per_class * len(params.data.classes)
     if state.raw_images:
-        return expected_split_sizes(state.raw_images, params.split, params.paths.raw), state.raw_classes
+        return (expected_split_sizes(state.raw_images, params.split, params.paths.raw, external),
+                state.raw_classes)
     n = params.data.per_class * len(params.data.classes)
-    return expected_split_sizes(n, params.split, "data.per_class × data.classes"), len(params.data.classes)
+    return (expected_split_sizes(n, params.split, "data.per_class × data.classes", external),
+            len(params.data.classes))
 
 
 def data_lines(state: DataState, params: Params, skip_data: bool) -> list[str]:
@@ -403,6 +412,11 @@ def data_lines(state: DataState, params: Params, skip_data: bool) -> list[str]:
                         f"build it; run `dvc repro preprocess` first, or drop --skip-data")
     lines = [f"{p.raw}: {state.raw_images} images in {state.raw_classes} class folders" if state.raw_images
              else f"{p.raw}: empty; the data fetch stage writes the default dataset (Fashion-MNIST) first"]
+    d = params.data
+    if d.replicates > 1 or d.external_per_class:
+        lines.append(f"{p.replicates}, {p.external}: {d.replicates - 1} replicate(s) beside {p.raw} and "
+                     f"{d.external_per_class * len(d.classes)} external test images, drawn from {p.pool} by the "
+                     f"replicates stage (`transfer-study data replicates`) when missing")
     lines.append(f"{p.cropped}: present" if state.cropped_present
                  else f"{p.cropped}: not built yet; the preprocess stage builds it")
     if state.manifest_sizes is None:
@@ -428,6 +442,7 @@ class Plan:
     data: list[str]
     weights: list[WeightsStatus]
     disk: tuple[int, int, Path] | None  # needed, free, folder; None when not checked
+    early_stopping: bool = False  # the estimates are each run's cap
 
 
 def device_name(device) -> str:
@@ -467,7 +482,7 @@ def preflight(params: Params, params_path: str, root: Path, skip_data: bool = Fa
     started = time.perf_counter()
     estimates = estimate_cells(params, cells, sizes, max(num_classes, 2), device, thorough=checks)
     return Plan(params_path, device_name(device), estimates, sizes, time.perf_counter() - started, data, weights,
-                disk)
+                disk, t.early_stopping is not None)
 
 
 def format_plan(plan: Plan) -> str:
@@ -481,9 +496,13 @@ def format_plan(plan: Plan) -> str:
                      f"{format_duration(e.epoch_s):>9}  {format_duration(e.total_s)}")
     total = sum(e.total_s for e in plan.estimates)
     s = plan.sizes
-    lines.append(f"  total: about {format_duration(total)} of training and prediction "
-                 f"({s.train} train, {s.val} val, {s.test} test images, from {s.source}; "
+    external = f", {s.external} external test" if s.external else ""
+    bound = "at most " if plan.early_stopping else "about "
+    lines.append(f"  total: {bound}{format_duration(total)} of training and prediction "
+                 f"({s.train} train, {s.val} val, {s.test} test images{external} per run, from {s.source}; "
                  f"timed from real steps of each model here in {plan.timing_s:.0f} s)")
+    if plan.early_stopping:
+        lines.append("  (early stopping: each run is timed at its cap, train.early_stopping.max_steps; most stop sooner)")
     if plan.data:
         lines += ["data:"] + [f"  {line}" for line in plan.data]
     if plan.weights:

@@ -9,11 +9,10 @@ trains; only rank 0 writes files and talks to MLflow.
 from __future__ import annotations
 
 import json
-import math
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,8 +31,8 @@ from .imagestore import DeviceImages, TrainingData
 from .preprocess import check_crops_match
 from .runs import run_dir_for, write_run_info
 from .split import cell_manifest, read_manifest, train_images_per_class
-from .trainer import PREDICT_BATCH, Trainer, evaluate_loss
-from .transforms import augments
+from .stopping import Progress, StopRule, epoch_steps, progress, stop_rule
+from .trainer import PREDICT_BATCH, Trainer, caches_features, evaluate_loss
 
 
 def pick_device() -> torch.device:
@@ -83,7 +82,7 @@ def train_cell(params: Params, cell: Cell, root: Path, tracking_uri: str, world:
     serve.requirements((params.preprocess.cropper,))  # what the logged model pins: read now, not after the last epoch
     # The crops on disk decide the preprocessing the model learns and the served model repeats.
     check_crops_match(root / params.paths.cropped, params.preprocess)
-    manifest = cell_manifest(read_manifest(root / params.paths.manifest), cell.repeat, cell.fraction)
+    manifest = cell_manifest(read_manifest(root / params.paths.manifest), cell.repeat, cell.fraction, cell.replicate)
     fingerprint = result_fingerprint(params, cell, manifest)
     run_dir = run_dir_for(root / params.paths.outputs / "models", cell.group, cell.variant)
     work = WorkDir(root / CHECKPOINT_DIR / f"{cell.name}-{fingerprint}")
@@ -111,9 +110,10 @@ def train_cell(params: Params, cell: Cell, root: Path, tracking_uri: str, world:
     if world.rank > 0:
         # Other ranks draw their own augmentation and dropout; rank 0 keeps the single-process stream.
         torch.manual_seed(cell.seed * 1_000_003 + world.rank * 10_007 + start_epoch)
+    rule = stop_rule(t, epoch_steps(len(data.rows("train")), t))
 
     if not world.is_main:
-        _train_epochs(trainer, images, data.rows("train"), params, cell, start_epoch, recorder=None)
+        _train_epochs(trainer, images, data.rows("train"), params, cell, rule, state, recorder=None)
         world.barrier()  # wait for rank 0 to finish the cell
         return run_dir
 
@@ -122,11 +122,10 @@ def train_cell(params: Params, cell: Cell, root: Path, tracking_uri: str, world:
                                          "num_train": len(data.rows("train")),
                                          "train_per_class": train_images_per_class(manifest)})
     try:
-        val_rows = data.rows("val")
-        recorder = EpochRecorder(trainer, work, tracker, lambda: images.in_order(val_rows, PREDICT_BATCH),
-                                 data.class_names, cell, params, state)
+        recorder = EpochRecorder(trainer, work, tracker, validation(trainer, images, data.rows("val")),
+                                 data.class_names, cell, params, state, rule)
         log(f"[{cell.name}] ready to train on {device} after {time.perf_counter() - started:.1f}s")
-        _train_epochs(trainer, images, data.rows("train"), params, cell, start_epoch, recorder)
+        _train_epochs(trainer, images, data.rows("train"), params, cell, rule, state, recorder)
         finishing = time.perf_counter()
         summary = _finish_cell(trainer, data, images, params, cell, run_dir, work, tracker, recorder,
                                {"experiment_id": experiment_id, "fingerprint": fingerprint, "image_size": size})
@@ -154,8 +153,10 @@ def _start_run(params: Params, cell: Cell, root: Path, tracking_uri: str, work: 
         params=flatten_params(params) | {"cell.architecture": cell.architecture, "cell.condition": cell.condition,
                                          "cell.seed": str(cell.seed), "cell.image_size": str(facts["image_size"]),
                                          "cell.repeat": str(cell.repeat), "cell.fraction": str(cell.fraction),
+                                         "cell.replicate": str(cell.replicate),
                                          "cell.fingerprint": facts["fingerprint"]},
         tags={"architecture": cell.architecture, "condition": cell.condition, "seed": str(cell.seed),
+              "replicate": str(cell.replicate),
               "split_repeat": str(cell.repeat), "train_fraction": str(cell.fraction),
               "train_per_class": f"{facts['train_per_class']:g}",
               "git_commit": tracking.git_commit(root), "dataset_md5": recorded_dataset_md5(root),
@@ -176,9 +177,20 @@ def _start_run(params: Params, cell: Cell, root: Path, tracking_uri: str, work: 
     return tracker, experiment_id
 
 
+def validation(trainer: Trainer, images: DeviceImages, val_rows: np.ndarray) -> Callable[[], tuple]:
+    """What the recorder calls each epoch for (probabilities, labels) on validation: the model on
+    the images, or, for a frozen backbone (in eval mode, so its features never change), the head
+    on features computed once."""
+    if trainer.frozen:
+        features = trainer.cached_features(images.in_order(val_rows, PREDICT_BATCH))
+        return lambda: trainer.predict_features(*features)
+    return lambda: trainer.predict(images.in_order(val_rows, PREDICT_BATCH))
+
+
 class EpochRecorder:
-    """Rank 0's part of each epoch: validate, then, when a save is due, save the resume state and
-    log the epochs it covers to MLflow.
+    """Rank 0's part of each epoch: validate, apply the training rule (stopping.progress: the best
+    epoch so far, whether to stop), then, when a save is due, save the resume state and log the
+    epochs it covers to MLflow.
 
     In that order, so no epoch is logged twice or lost: a crash before a save redoes the epochs
     since the last one, a crash after it resumes there and logs what the store missed
@@ -188,35 +200,49 @@ class EpochRecorder:
     """
 
     def __init__(self, trainer: Trainer, work: WorkDir, tracker: tracking.RunTracker,
-                 val_batches: Callable[[], Iterator], class_names: list[str], cell: Cell, params: Params,
-                 state: dict | None):
-        self.trainer, self.work, self.tracker, self.val_batches = trainer, work, tracker, val_batches
-        self.class_names, self.cell = class_names, cell
-        self.epochs, self.save_every_s = params.train.epochs, params.train.save_every_s
+                 validate: Callable[[], tuple[np.ndarray, np.ndarray]], class_names: list[str], cell: Cell,
+                 params: Params, state: dict | None, rule: StopRule):
+        self.trainer, self.work, self.tracker, self.validate = trainer, work, tracker, validate
+        self.class_names, self.cell, self.rule = class_names, cell, rule
+        self.save_every_s = params.train.save_every_s
         self.history: list[dict] = list(state["history"]) if state else []
-        self.best_val: float = state["best_val"] if state else -1.0
+        self.best_val: float = state["best_val"] if state else -1.0  # the best epoch's validation accuracy
         self.best_epoch: int = state["best_epoch"] if state else 0
         self.best_sha256: str | None = state["best_sha256"] if state else None
         self.best_weights: dict | None = None  # best weights not yet written (a copy, on the device)
         self.unlogged: list[dict] = []
         self.last_save = time.perf_counter()
 
-    def record(self, epoch: int, train_loss: float, train_acc: float, started: float) -> None:
+    def record(self, epoch: int, train_loss: float, train_acc: float, started: float) -> Progress:
+        """Validate after `epoch` and keep its weights if it is the best so far; returns the training
+        rule's decision (stop here? the learning rate's factor from now on)."""
         trainer = self.trainer
-        val_probs, val_labels = trainer.predict(self.val_batches())
+        val_probs, val_labels = self.validate()
         val_loss, val_acc = evaluate_loss(val_probs, val_labels)
         row = dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc,
                    val_loss=val_loss, val_acc=val_acc, seconds=time.perf_counter() - started)
         self.history.append(row)
         self.unlogged.append(row)
-        if val_acc > self.best_val:
+        decision = progress(self.history, self.rule)
+        if decision.best_epoch == epoch:
             self.best_val, self.best_epoch = val_acc, epoch
             self.best_weights = {"model": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
                                  "epoch": epoch, "val_acc": val_acc, "class_names": self.class_names}
-        if epoch == self.epochs or time.perf_counter() - self.last_save >= self.save_every_s:
+        if decision.stop or time.perf_counter() - self.last_save >= self.save_every_s:
             self.save(epoch)
-        log(f"[{self.cell.name}] epoch {epoch}/{self.epochs} train_loss={train_loss:.4f} train_acc={train_acc:.4f} "
-            f"val_loss={val_loss:.4f} val_acc={val_acc:.4f} ({row['seconds']:.1f}s)")
+        log(f"[{self.cell.name}] epoch {epoch}/{self.rule.max_epochs} train_loss={train_loss:.4f} "
+            f"train_acc={train_acc:.4f} val_loss={val_loss:.4f} val_acc={val_acc:.4f} ({row['seconds']:.1f}s)"
+            + (f"; stopping: best epoch {decision.best_epoch}" + (", at the cap while still improving"
+                                                                   if decision.hit_cap else "")
+               if decision.stop else "") + (f"; learning rate x{decision.lr_scale:g}" if decision.lr_scale != 1 else ""))
+        return decision
+
+    def outcome(self) -> dict:
+        """What run.json and metrics.json record of the training rule: epochs trained, the cap, the
+        best epoch and whether the run hit the cap while still improving."""
+        decision = progress(self.history, self.rule)
+        return {"epochs": decision.epochs, "max_epochs": self.rule.max_epochs, "best_epoch": decision.best_epoch,
+                "hit_cap": decision.hit_cap}
 
     def save(self, epoch: int) -> None:
         """Write the resume state after `epoch` (and the best weights, if new), then log the epochs since the last save."""
@@ -235,25 +261,32 @@ class EpochRecorder:
 
 
 def _train_epochs(trainer: Trainer, images: DeviceImages, train_rows: np.ndarray, params: Params, cell: Cell,
-                  start_epoch: int, recorder: EpochRecorder | None) -> None:
-    """Train epochs start_epoch..train.epochs on this rank; rank 0's recorder validates and records each."""
+                  rule: StopRule, state: dict | None, recorder: EpochRecorder | None) -> None:
+    """Train the epochs after the resume state's (if any) on this rank until the training rule
+    stops the run; rank 0's recorder validates and records each and decides, and every rank
+    learns its decision."""
     t = params.train
+    start_epoch = state["epoch"] + 1 if state else 1
+    resumed = progress(state["history"] if state else [], rule)
+    stopped = resumed.stop  # stopped before an interruption
+    trainer.set_lr_scale(resumed.lr_scale)
     feature_cache = None
-    if start_epoch <= t.epochs and trainer.frozen and not augments(t.augment) and t.max_batches_per_epoch is None:
-        # Without augmentation a frozen backbone sees the same images every epoch: compute once.
-        feature_cache = trainer.cached_features(images.in_order(train_rows, PREDICT_BATCH))
+    if not stopped and start_epoch <= rule.max_epochs and caches_features(cell.condition, t):
+        # A frozen backbone sees the same images (or their mirror images) every epoch: compute once.
+        feature_cache = trainer.cached_features(images.in_order(train_rows, PREDICT_BATCH), mirrored=t.augment.hflip)
         if recorder is not None:
-            log(f"[{cell.name}] frozen backbone, no augmentation: training the head on cached features")
-    steps_per_epoch = math.ceil(len(train_rows) / t.batch_size)
-    if t.max_batches_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, t.max_batches_per_epoch)
-    trainer.set_schedule(steps_per_epoch, t.epochs, steps_done=(start_epoch - 1) * steps_per_epoch)
-    progress = CellProgress(cell.name, len(train_rows) * (t.epochs - start_epoch + 1), enabled=recorder is not None)
-    for epoch in range(start_epoch, t.epochs + 1):
+            log(f"[{cell.name}] frozen backbone, {'flips' if t.augment.hflip else 'no'} augmentation: training the "
+                f"head on cached features")
+    steps_per_epoch = epoch_steps(len(train_rows), t)
+    trainer.set_schedule(steps_per_epoch, rule.max_epochs, steps_done=(start_epoch - 1) * steps_per_epoch)
+    bars = CellProgress(cell.name, len(train_rows) * (rule.max_epochs - start_epoch + 1), enabled=recorder is not None)
+    for epoch in range(start_epoch, rule.max_epochs + 1):
+        if stopped:
+            break
         started = time.perf_counter()
         # Every rank draws the same order from this seed and takes its own shard of each batch.
         order = torch.Generator().manual_seed(cell.seed * 100_003 + epoch)
-        with progress.epoch(epoch, t.epochs, len(train_rows)) as bar:
+        with bars.epoch(epoch, rule.max_epochs, len(train_rows)) as bar:
             if feature_cache is not None:
                 train_loss, train_acc = trainer.train_head_epoch(*feature_cache, order, bar)
             else:
@@ -261,8 +294,12 @@ def _train_epochs(trainer: Trainer, images: DeviceImages, train_rows: np.ndarray
                 shards = distributed.shard_batches(train_rows[permutation.numpy()].tolist(), t.batch_size,
                                                    trainer.world)
                 train_loss, train_acc = trainer.train_epoch(images.batches(shards), bar)
-        if recorder is not None:
-            recorder.record(epoch, train_loss, train_acc, started)
+        # Rank 0 applies the rule; the others contribute zeros to the sum and so learn its decision.
+        decision = recorder.record(epoch, train_loss, train_acc, started) if recorder is not None else None
+        stop, lr_scale = trainer.world.sum([float(decision.stop), decision.lr_scale] if decision else [0.0, 0.0],
+                                           trainer.device)
+        stopped = stop > 0
+        trainer.set_lr_scale(lr_scale)
 
 
 class CellProgress:
@@ -331,13 +368,14 @@ def _finish_cell(trainer: Trainer, data: TrainingData, images: DeviceImages, par
         "architecture": cell.architecture, "condition": cell.condition, "seed": cell.seed,
         "repeat": cell.repeat, "fraction": cell.fraction,
         "train_per_class": train_images_per_class(data.manifest), "class_names": data.class_names, "image_size": run_info["image_size"], "checkpoint": t.checkpoint,
-        "model_uri": model_info.model_uri, "fingerprint": run_info["fingerprint"],
+        "model_uri": model_info.model_uri, "fingerprint": run_info["fingerprint"], "replicate": cell.replicate,
+        **recorder.outcome(),
     }
     write_run_info(run_dir, summary)
     (run_dir / "metrics.json").write_text(json.dumps({
         "best_val_acc": recorder.best_val, "last_val_acc": final["val_acc"], "last_train_acc": final["train_acc"],
-        "epochs": len(recorder.history), "seconds": sum(h["seconds"] for h in recorder.history)}, indent=2))
-    tracker.log_metrics({"best_val_acc": recorder.best_val})
+        **recorder.outcome(), "seconds": sum(h["seconds"] for h in recorder.history)}, indent=2))
+    tracker.log_metrics({"best_val_acc": recorder.best_val} | {k: float(v) for k, v in recorder.outcome().items()})
     tracker.finish()
     work.remove()
     return summary
