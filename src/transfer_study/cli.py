@@ -63,8 +63,8 @@ def data_validate(ctx: click.Context, strict: bool, verbose: bool) -> None:
     from .data import validate_datasets
 
     params = _params(ctx)
-    validate_datasets({d.name: Path(d.raw) for d in config.profile_datasets(params)}, Path(params.paths.validation),
-                      params.validate, strict=strict, verbose=verbose, input_size=config.model_input_size(params.train))
+    validate_datasets(config.profile_datasets(params), Path(params.paths.validation), params.validate, strict=strict,
+                      verbose=verbose, input_size=config.model_input_size(params.train))
 
 
 @data.command("replicates")

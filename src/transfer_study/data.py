@@ -18,14 +18,14 @@ import zlib
 from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO, Literal
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from transfer_study.config import ConfigError, DataParams, UserError, ValidateParams
+from transfer_study.config import ConfigError, DataParams, Dataset, UserError, ValidateParams
 
 # --------------------------------------------------------------------------------------------
 # Fashion-MNIST
@@ -688,20 +688,22 @@ def validate_and_report(raw: Path, out: Path, params: ValidateParams, strict: bo
     return report
 
 
-def validate_datasets(raws: dict[str, Path], out: Path, params: ValidateParams, strict: bool = False,
+def validate_datasets(datasets: list[Dataset], out: Path, params: ValidateParams, strict: bool = False,
                       verbose: bool = False, input_size: int | None = None) -> dict[str, ValidationReport]:
-    """Stage `data validate` for every dataset of a profile (config.profile_datasets: name -> raw folder).
+    """Stage `data validate` for every dataset of a profile (config.profile_datasets).
 
     One dataset is validate_and_report's. Several are each validated the same way and printed
-    under their name; `out` then holds each one's report under its name, and a UserError, raised
-    after it is written, names the datasets that fail."""
-    if len(raws) == 1:
-        ((name, raw),) = raws.items()
-        return {name: validate_and_report(raw, out, params, strict, verbose, input_size)}
+    under their name, except that the external test set, which is never split, needs no
+    validate.min_per_class; `out` then holds each one's report under its name, and a UserError,
+    raised after it is written, names the datasets that fail."""
+    if len(datasets) == 1:
+        return {datasets[0].name: validate_and_report(Path(datasets[0].raw), out, params, strict, verbose, input_size)}
     reports = {}
-    for name, raw in raws.items():
-        reports[name] = validate_dataset(raw, params, strict=strict or params.strict, input_size=input_size)
-        print(f"{name} ({raw}): " + format_report(reports[name], show_info=verbose))
+    for dataset in datasets:
+        checks = params if dataset.replicate is not None else replace(params, min_per_class=1)
+        reports[dataset.name] = validate_dataset(Path(dataset.raw), checks, strict=strict or params.strict,
+                                                 input_size=input_size)
+        print(f"{dataset.name} ({dataset.raw}): " + format_report(reports[dataset.name], show_info=verbose))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     content = {name: _report_content(report) for name, report in reports.items()}
     _write_atomically(Path(out), (json.dumps(content, indent=2) + "\n").encode())
