@@ -59,7 +59,8 @@ def data_fetch(ctx: click.Context, dest: Path | None, source: Path | None) -> No
 @click.option("--verbose", is_flag=True, help="List every conversion and upscaled image, per file.")
 @click.pass_context
 def data_validate(ctx: click.Context, strict: bool, verbose: bool) -> None:
-    """Check data/raw (and the profile's replicates) before anything trains; write the summary metric (paths.validation)."""
+    """Check data/raw (and the profile's replicates) before anything trains; write the summary metric
+    (paths.validation)."""
     from .data import validate_datasets
 
     params = _params(ctx)
@@ -72,7 +73,8 @@ def data_validate(ctx: click.Context, strict: bool, verbose: bool) -> None:
               help="Folder holding Fashion-MNIST's idx files (default: Debian's, then upstream).")
 @click.pass_context
 def data_replicates(ctx: click.Context, source: Path | None) -> None:
-    """Draw the replicate datasets and the external test set from Fashion-MNIST (paths.pool, paths.replicates, paths.external)."""
+    """Draw the replicate datasets and the external test set from Fashion-MNIST (paths.pool,
+    paths.replicates, paths.external)."""
     from .replicates import describe, draw_replicates
 
     params = _params(ctx)

@@ -502,7 +502,8 @@ def format_plan(plan: Plan) -> str:
                  f"({s.train} train, {s.val} val, {s.test} test images{external} per run, from {s.source}; "
                  f"timed from real steps of each model here in {plan.timing_s:.0f} s)")
     if plan.early_stopping:
-        lines.append("  (early stopping: each run is timed at its cap, train.early_stopping.max_steps; most stop sooner)")
+        lines.append("  (early stopping: each run is timed at its cap, train.early_stopping.max_steps; "
+                     "most stop sooner)")
     if plan.data:
         lines += ["data:"] + [f"  {line}" for line in plan.data]
     if plan.weights:

@@ -102,7 +102,8 @@ def write_pool(dest: Path, source: Path | None, cache_dir: Path | None = None) -
     return dest
 
 
-def check_is_replicate_zero(raw: Path, images: np.ndarray, labels: np.ndarray, params: Params, params_path: str) -> None:
+def check_is_replicate_zero(raw: Path, images: np.ndarray, labels: np.ndarray, params: Params,
+                            params_path: str) -> None:
     """UserError unless `raw` holds exactly the default dataset (`data fetch`'s files, byte for
     byte): the replicates are drawn around it, and your own photos have no pool to draw from."""
     planned = default_dataset_files(images, labels, params.data)
