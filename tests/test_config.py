@@ -24,7 +24,10 @@ def test_committed_profiles_load():
     extensions = [config.load_params(REPO_ROOT / f"params.{name}.yaml") for name in ("robust", "tuned")]
     names = {p.tracking.registered_model for p in (study, quick, *extensions)}
     assert len(names) == 4, "each profile registers its own model"
-    assert extensions[0].split.repeats == 3 and len(extensions[0].train.seeds) == 5
+    robust = extensions[0]
+    assert robust.data.replicates >= 10 and quick.data.replicates >= 6, "the issue-20 minimum of independent units"
+    assert robust.train.early_stopping and quick.train.early_stopping and study.train.early_stopping is None
+    assert study.data.replicates == 1 and not study.data.external_per_class, "the study stays the published protocol"
     assert extensions[1].train.schedule == "onecycle" and study.train.schedule == "constant"
 
 
@@ -44,6 +47,9 @@ def test_committed_profiles_load():
          "train.image_size.small_cnn = 15; use an integer of at least 16"),
         ("train", {"image_size": {"resnet18": 28, "vgg19": 224, "inception_v3": 299, "small_cnn": 28}},
          "train.image_size.resnet18 = 28; use an integer of at least 32"),
+        ("executor", {"kind": "dask"}, "executor.kind = 'dask'; choose from local, ray"),
+        ("executor", {"num_gpus": 1.5}, "executor.num_gpus = 1.5; use 0, a fraction"),
+        ("executor", {"num_gpus": 0, "num_cpus": 0}, "give CPU runs executor.num_cpus"),
     ],
 )
 def test_bad_params_name_the_param(tmp_path, section, change, fragment):
@@ -245,3 +251,12 @@ def test_replicates_and_the_external_set_are_checked_against_what_fashion_mnist_
         (tmp_path / "p.yaml").write_text(yaml.safe_dump({"data": data}))
         with pytest.raises(ConfigError, match=match):
             config.load_params(tmp_path / "p.yaml")
+def test_a_ray_executor_needs_a_named_cluster(monkeypatch):
+    """Never a cluster started on the fly: a forgotten address would train everything here, quietly."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ConfigError, match="RAY_ADDRESS"):
+        config.ray_address(config.ExecutorParams(kind="ray"))
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
+    assert config.ray_address(config.ExecutorParams(kind="ray")) == "head:6379"
+    assert config.ray_address(config.ExecutorParams(kind="ray", ray_address="auto")) == "auto"
+    assert config.ExecutorParams(num_gpus=0.5).cpus_per_run == 0 and config.ExecutorParams(num_gpus=0).cpus_per_run == 1
