@@ -143,8 +143,9 @@ def train_cell(params: Params, cell: Cell, root: Path, tracking_uri: str, world:
 
 
 def cell_data(params: Params, cell: Cell, root: Path) -> tuple[pd.DataFrame, str]:
-    """The cell's manifest (its replicate's rows, with the split this cell uses, and the external rows) and its result fingerprint,
-    which names its resume state and tells a finished run of the same params (fanout.py)."""
+    """The cell's manifest (its replicate's rows, with the split this cell uses, and the external
+    rows) and its result fingerprint, which names its resume state and tells a finished run of the
+    same params (fanout.py)."""
     manifest = cell_manifest(read_manifest(root / params.paths.manifest), cell.repeat, cell.fraction, cell.replicate)
     return manifest, result_fingerprint(params, cell, manifest)
 
@@ -236,11 +237,13 @@ class EpochRecorder:
                                  "epoch": epoch, "val_acc": val_acc, "class_names": self.class_names}
         if decision.stop or time.perf_counter() - self.last_save >= self.save_every_s:
             self.save(epoch)
+        notes = [f"learning rate x{decision.lr_scale:g}"] if decision.lr_scale != 1 else []
+        if decision.stop:
+            notes.append(f"stopping: best epoch {decision.best_epoch}"
+                         + (", at the cap while still improving" if decision.hit_cap else ""))
         log(f"[{self.cell.name}] epoch {epoch}/{self.rule.max_epochs} train_loss={train_loss:.4f} "
             f"train_acc={train_acc:.4f} val_loss={val_loss:.4f} val_acc={val_acc:.4f} ({row['seconds']:.1f}s)"
-            + (f"; stopping: best epoch {decision.best_epoch}" + (", at the cap while still improving"
-                                                                   if decision.hit_cap else "")
-               if decision.stop else "") + (f"; learning rate x{decision.lr_scale:g}" if decision.lr_scale != 1 else ""))
+            + "".join(f"; {note}" for note in notes))
         return decision
 
     def outcome(self) -> dict:
