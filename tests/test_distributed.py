@@ -86,7 +86,7 @@ def test_each_rank_trains_on_its_own_shard_of_every_epoch(tmp_path, monkeypatch)
     for trainer in ranks:
         train._train_epochs(trainer, RecordingImages(), data.rows("train"), params,
                             cells.Cell("resnet18", "scratch", 0), stopping.stop_rule(params.train, 3), None,
-                            recorder=None)
+                            recorder=None, features=None)
     for epoch in range(2):
         rows = [[row for shard in rank.epochs[epoch] for row in shard] for rank in ranks]
         assert [len(shard) for shard in ranks[0].epochs[epoch]] == [2, 2, 2]  # per-rank batch: 4 / 2

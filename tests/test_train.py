@@ -233,7 +233,9 @@ def test_changed_params_or_data_start_fresh_and_say_so(project, tracking_uri, mo
     assert load_checkpoint(third / "resume.pt")["epoch"] == 1
 
 
-def test_frozen_without_augmentation_trains_the_head_on_cached_features(project, tracking_uri, capsys):
+def test_frozen_without_augmentation_trains_the_head_on_cached_features(project, tracking_uri, capsys, monkeypatch):
+    """The backbone sees each image once; validation, training and the run's predictions take its
+    features from there, and the predictions are the whole model's (best.pt) on the images."""
     from transfer_study.config import AugmentParams
 
     params = tiny_params(epochs=2, augment=AugmentParams(rotation=0.0, translate=0.0, hflip=False))
@@ -248,9 +250,20 @@ def test_frozen_without_augmentation_trains_the_head_on_cached_features(project,
     torch.testing.assert_close(features[: len(direct)], direct)
     assert labels.tolist() == data.labels[data.rows("train")].tolist()
 
+    seen = []  # images through the backbone, by the cached path or the whole model
+    for method in ("forward_features", "forward"):
+        original = getattr(models.TransferNet, method)
+        monkeypatch.setattr(models.TransferNet, method,
+                            lambda self, x, original=original: seen.append(len(x)) or original(self, x))
     run_dir = train_cell(params, Cell("efficientnet_lite0", "frozen", 0), project, tracking_uri)
     assert "cached features" in capsys.readouterr().err
     assert len(pd.read_csv(run_dir / "history.csv")) == 2
+    predictions = pd.read_csv(run_dir / "predictions.csv")
+    # each image once, for every epoch and split; then MLflow checks the logged model on its input example
+    assert seen == [len(data.manifest), len(serve.example_images())] and len(predictions) == len(data.manifest)
+    trainer.model.load_state_dict(load_checkpoint(run_dir / "best.pt")["model"])
+    probs, _ = trainer.predict(data.on_device(torch.device("cpu")).in_order(np.arange(len(predictions)), 8))
+    np.testing.assert_allclose(predictions.filter(like="prob_").to_numpy(), probs, atol=1e-5)
 
 
 def test_crops_made_with_other_settings_stop_training_before_it_starts(project, tracking_uri):
@@ -332,13 +345,13 @@ def test_a_frozen_backbone_with_flips_caches_each_image_and_its_mirror_image(pro
     trainer = Trainer(params, Cell("efficientnet_lite0", "frozen", 0), 3, torch.device("cpu"))
     data = imagestore.TrainingData(pd.read_csv(project / "data/split/manifest.csv"), project, 32, project / "cache")
     batches = list(data.on_device(torch.device("cpu")).in_order(data.rows("train"), 4))
-    features, _ = trainer.cached_features(batches, mirrored=True)
+    mirrored, _ = trainer.cached_features(batches, flipped=True)
     images, _ = batches[0]
     with torch.no_grad():
         flipped = trainer.model.forward_features(
             transforms.normalize(transforms.to_model_input(images.flip(3), torch.device("cpu"), False)))
-    assert features.shape[0] == 2
-    torch.testing.assert_close(features[1, : len(flipped)], flipped)
+    torch.testing.assert_close(mirrored[: len(flipped)], flipped)
+    features = torch.stack([trainer.cached_features(batches)[0], mirrored])
     seen = []
     trainer.trained = lambda batch: seen.append(batch.clone()) or trainer.model.head(batch)
     trainer.train_head_epoch(features, torch.zeros(features.shape[1], dtype=torch.long), torch.Generator().manual_seed(0),

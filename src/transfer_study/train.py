@@ -110,9 +110,11 @@ def train_cell(params: Params, cell: Cell, root: Path, tracking_uri: str, world:
         # Other ranks draw their own augmentation and dropout; rank 0 keeps the single-process stream.
         torch.manual_seed(cell.seed * 1_000_003 + world.rank * 10_007 + start_epoch)
     rule = stop_rule(t, epoch_steps(len(data.rows("train")), t))
+    features = frozen_features(trainer, images)
+    predict_rows = row_predictor(trainer, images, features)
 
     if not world.is_main:
-        _train_epochs(trainer, images, data.rows("train"), params, cell, rule, state, recorder=None)
+        _train_epochs(trainer, images, data.rows("train"), params, cell, rule, state, None, features)
         world.barrier()  # wait for rank 0 to finish the cell
         return run_dir
 
@@ -121,12 +123,13 @@ def train_cell(params: Params, cell: Cell, root: Path, tracking_uri: str, world:
                                          "num_train": len(data.rows("train")), "world_size": world.size,
                                          "train_per_class": train_images_per_class(manifest)})
     try:
-        recorder = EpochRecorder(trainer, work, tracker, validation(trainer, images, data.rows("val")),
+        val_rows = data.rows("val")
+        recorder = EpochRecorder(trainer, work, tracker, lambda: predict_rows(val_rows),
                                  data.class_names, cell, params, state, rule)
         log(f"[{cell.name}] ready to train on {device} after {time.perf_counter() - started:.1f}s")
-        _train_epochs(trainer, images, data.rows("train"), params, cell, rule, state, recorder)
+        _train_epochs(trainer, images, data.rows("train"), params, cell, rule, state, recorder, features)
         finishing = time.perf_counter()
-        summary = _finish_cell(trainer, data, images, params, cell, run_dir, work, tracker, recorder,
+        summary = _finish_cell(trainer, data, predict_rows, params, cell, run_dir, work, tracker, recorder,
                                {"experiment_id": experiment_id, "fingerprint": fingerprint, "image_size": size})
         log(f"[{cell.name}] run folder written and model logged in {time.perf_counter() - finishing:.1f}s")
     except KeyboardInterrupt:
@@ -184,14 +187,23 @@ def _start_run(params: Params, cell: Cell, root: Path, tracking_uri: str, work: 
     return tracker, experiment_id
 
 
-def validation(trainer: Trainer, images: DeviceImages, val_rows: np.ndarray) -> Callable[[], tuple]:
-    """What the recorder calls each epoch for (probabilities, labels) on validation: the model on
-    the images, or, for a frozen backbone (in eval mode, so its features never change), the head
-    on features computed once."""
-    if trainer.frozen:
-        features = trainer.cached_features(images.in_order(val_rows, PREDICT_BATCH))
-        return lambda: trainer.predict_features(*features)
-    return lambda: trainer.predict(images.in_order(val_rows, PREDICT_BATCH))
+def frozen_features(trainer: Trainer, images: DeviceImages) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A frozen backbone's features (N, D) and labels of every image of the cell, in the store's
+    order, computed once: its backbone is in eval mode, so they never change, and validation, the
+    cached-feature training and the final predictions all take theirs from here. None otherwise."""
+    if not trainer.frozen:
+        return None
+    return trainer.cached_features(images.in_order(np.arange(len(images)), PREDICT_BATCH))
+
+
+def row_predictor(trainer: Trainer, images: DeviceImages,
+                  features: tuple[torch.Tensor, torch.Tensor] | None) -> Callable[[np.ndarray], tuple]:
+    """(probabilities, labels) of the given rows of the store, with the model's current weights:
+    the model on the images, or, for a frozen backbone, the head on its features (frozen_features).
+    Validation calls it each epoch, and the run's predictions come from it."""
+    if features is not None:
+        return lambda rows: trainer.predict_features(*(f[torch.as_tensor(rows, device=f.device)] for f in features))
+    return lambda rows: trainer.predict(images.in_order(rows, PREDICT_BATCH))
 
 
 class EpochRecorder:
@@ -270,10 +282,11 @@ class EpochRecorder:
 
 
 def _train_epochs(trainer: Trainer, images: DeviceImages, train_rows: np.ndarray, params: Params, cell: Cell,
-                  rule: StopRule, state: dict | None, recorder: EpochRecorder | None) -> None:
+                  rule: StopRule, state: dict | None, recorder: EpochRecorder | None,
+                  features: tuple[torch.Tensor, torch.Tensor] | None) -> None:
     """Train the epochs after the resume state's (if any) on this rank until the training rule
     stops the run; rank 0's recorder validates and records each and decides, and every rank
-    learns its decision."""
+    learns its decision. `features`: frozen_features, for a frozen backbone."""
     t = params.train
     start_epoch = state["epoch"] + 1 if state else 1
     resumed = progress(state["history"] if state else [], rule)
@@ -282,7 +295,11 @@ def _train_epochs(trainer: Trainer, images: DeviceImages, train_rows: np.ndarray
     feature_cache = None
     if not stopped and start_epoch <= rule.max_epochs and caches_features(cell.condition, t):
         # A frozen backbone sees the same images (or their mirror images) every epoch: compute once.
-        feature_cache = trainer.cached_features(images.in_order(train_rows, PREDICT_BATCH), mirrored=t.augment.hflip)
+        rows = torch.as_tensor(train_rows, device=features[0].device)
+        feature_cache = (features[0][rows], features[1][rows])
+        if t.augment.hflip:
+            mirrored, _ = trainer.cached_features(images.in_order(train_rows, PREDICT_BATCH), flipped=True)
+            feature_cache = (torch.stack([feature_cache[0], mirrored]), feature_cache[1])
         if recorder is not None:
             log(f"[{cell.name}] frozen backbone, {'flips' if t.augment.hflip else 'no'} augmentation: training the "
                 f"head on cached features")
@@ -346,9 +363,9 @@ def progress_line(name: str, label: str, done: int, total: int, elapsed_s: float
             f"about {int(left // 60)}m {int(left % 60)}s left")
 
 
-def _finish_cell(trainer: Trainer, data: TrainingData, images: DeviceImages, params: Params, cell: Cell,
-                 run_dir: Path, work: WorkDir, tracker: tracking.RunTracker, recorder: EpochRecorder,
-                 run_info: dict) -> dict:
+def _finish_cell(trainer: Trainer, data: TrainingData, predict_rows: Callable[[np.ndarray], tuple],
+                 params: Params, cell: Cell, run_dir: Path, work: WorkDir, tracker: tracking.RunTracker,
+                 recorder: EpochRecorder, run_info: dict) -> dict:
     """Write the run folder (checkpoints, predictions, history, run.json), log the model and
     finish the MLflow run, then remove the resume state. Returns run.json's content."""
     t = params.train
@@ -361,7 +378,7 @@ def _finish_cell(trainer: Trainer, data: TrainingData, images: DeviceImages, par
                  "class_names": data.class_names}, last_path)
     chosen = best_path if t.checkpoint == "best" else last_path
     trainer.model.load_state_dict(load_checkpoint(chosen)["model"])
-    probs, labels = trainer.predict(images.in_order(np.arange(len(images)), PREDICT_BATCH))
+    probs, labels = predict_rows(np.arange(len(data.manifest)))
     predictions = pd.DataFrame({"path": data.manifest["path"], "split": data.manifest["split"],
                                 "label": labels, "pred": probs.argmax(1)})
     for k in range(probs.shape[1]):

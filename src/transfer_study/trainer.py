@@ -31,8 +31,8 @@ GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before capture, as CUDA g
 
 def caches_features(condition: str, train: TrainParams) -> bool:
     """Whether a run trains its head on backbone features computed once (Trainer.cached_features):
-    a frozen backbone, in eval mode, whose augmentation is none or flips alone (the cache holds
-    each image's features and its mirror image's)."""
+    a frozen backbone, in eval mode, whose augmentation is none or flips alone (then each training
+    image's mirror image is cached too)."""
     flips_at_most = not train.augment.rotation and not train.augment.translate
     return condition == "frozen" and flips_at_most and train.max_batches_per_epoch is None
 
@@ -200,19 +200,17 @@ class Trainer:
         return self._epoch_means(total_loss, correct, seen)
 
     @torch.no_grad()
-    def cached_features(self, batches, mirrored: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frozen backbone features (N, D) and labels of every image in `batches`, computed once;
-        with `mirrored`, (2, N, D): those of the images and of their mirror images."""
+    def cached_features(self, batches, flipped: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen backbone features (N, D) and labels of every image in `batches` (with `flipped`, of
+        their mirror images), computed once."""
         self.model.backbone.eval()
         features, labels_out = [], []
         for images_u8, labels in batches:
             images = model_input(images_u8, self.device, self.channels_last)
-            views = (images, images.flip(3)) if mirrored else (images,)
             with self.autocast():
-                features.append(torch.stack([self.model.forward_features(view).float() for view in views]))
+                features.append(self.model.forward_features(images.flip(3) if flipped else images).float())
             labels_out.append(labels.to(self.device))
-        stacked = torch.cat(features, dim=1)
-        return (stacked if mirrored else stacked[0]), torch.cat(labels_out)
+        return torch.cat(features), torch.cat(labels_out)
 
     @torch.inference_mode()
     def predict_features(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
