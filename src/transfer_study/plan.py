@@ -92,8 +92,9 @@ def estimate_cell(cell: Cell, t: TrainParams, sizes: SplitSizes, timing: ModelTi
     train.epochs, or under early stopping the cap (stopping.stop_rule): an upper bound.
 
     A frozen cell's step is its backbone's forward pass under no_grad (the head's share is
-    negligible); without augmentation, or with flips alone, that pass runs once (twice with flips),
-    on cached features, as train.py does, and its validation features are computed once too.
+    negligible). Its backbone's features of every image are computed once (train.frozen_features),
+    for validation and the final prediction; without augmentation, or with flips alone, the head
+    trains on them too (with flips, the training images' mirror images are a second pass).
     Building the image store and logging the model add seconds per cell and are left out.
     """
     from .stopping import epoch_steps, stop_rule
@@ -107,8 +108,8 @@ def estimate_cell(cell: Cell, t: TrainParams, sizes: SplitSizes, timing: ModelTi
     step_s = timing.predict_s_per_image * t.batch_size if frozen else timing.train_step_s
     val_s = sizes.val * timing.predict_s_per_image
     epoch_s = (0.0 if cached else steps * step_s) + (0.0 if frozen else val_s)
-    cache_images = train_images * (2 if t.augment.hflip else 1) if cached else 0
-    once_s = (cache_images + sizes.total) * timing.predict_s_per_image + (val_s if frozen else 0.0)
+    mirror_images = train_images if cached and t.augment.hflip else 0
+    once_s = (mirror_images + sizes.total) * timing.predict_s_per_image
     return CellEstimate(cell, t.image_size[cell.architecture], t.batch_size / step_s, epoch_s,
                         epochs * epoch_s + once_s)
 
