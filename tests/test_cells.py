@@ -28,6 +28,15 @@ def test_pretrained_architectures_are_those_of_pretrained_cells_not_excluded():
     assert cells.pretrained_architectures(tiny_params(conditions=("scratch",))) == []
 
 
+def test_each_replicate_is_a_run_of_every_cell_named_after_it():
+    import dataclasses
+
+    base = tiny_params(architectures=("small_cnn",), conditions=("scratch",))
+    params = dataclasses.replace(base, data=dataclasses.replace(base.data, replicates=3))
+    chosen = cells.cells_for(params)
+    assert [c.name for c in chosen] == ["small_cnn-scratch-s0", "small_cnn-scratch-s0-rep1", "small_cnn-scratch-s0-rep2"]
+    assert [c.replicate for c in chosen] == [0, 1, 2] and cells.runs_per_group(params) == 3
+    assert cells.Cell("resnet18", "frozen", 1, 2, 0.25, 4).variant == "s1-rep4-r2-f0.25"
 def test_one_run_of_a_cell_is_chosen_by_its_variant():
     params = tiny_params(architectures=("small_cnn",), conditions=("scratch",), seeds=(0, 1))
     params = dataclasses.replace(params, split=SplitParams(repeats=2, train_fractions=(0.5, 1.0)))

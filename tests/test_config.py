@@ -24,7 +24,10 @@ def test_committed_profiles_load():
     extensions = [config.load_params(REPO_ROOT / f"params.{name}.yaml") for name in ("robust", "tuned")]
     names = {p.tracking.registered_model for p in (study, quick, *extensions)}
     assert len(names) == 4, "each profile registers its own model"
-    assert extensions[0].split.repeats == 3 and len(extensions[0].train.seeds) == 5
+    robust = extensions[0]
+    assert robust.data.replicates >= 10 and quick.data.replicates >= 6, "the issue-20 minimum of independent units"
+    assert robust.train.early_stopping and quick.train.early_stopping and study.train.early_stopping is None
+    assert study.data.replicates == 1 and not study.data.external_per_class, "the study stays the published protocol"
     assert extensions[1].train.schedule == "onecycle" and study.train.schedule == "constant"
 
 
@@ -240,6 +243,14 @@ def test_split_repeats_and_fractions_default_to_the_study_and_load_from_yaml(tmp
     assert split.repeats == 3 and split.train_fractions == (0.1, 0.25, 1)
 
 
+def test_replicates_and_the_external_set_are_checked_against_what_fashion_mnist_holds(tmp_path):
+    for data, match in (({"replicates": 21}, "data.replicates = 21; .* 1 to 20 disjoint replicates"),
+                        ({"replicates": 7, "per_class": 1000}, "1 to 6 disjoint replicates"),
+                        ({"replicates": 0}, "data.replicates = 0"),
+                        ({"external_per_class": 1001}, "data.external_per_class = 1001")):
+        (tmp_path / "p.yaml").write_text(yaml.safe_dump({"data": data}))
+        with pytest.raises(ConfigError, match=match):
+            config.load_params(tmp_path / "p.yaml")
 def test_a_ray_executor_needs_a_named_cluster(monkeypatch):
     """Never a cluster started on the fly: a forgotten address would train everything here, quietly."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

@@ -576,3 +576,21 @@ def test_validate_and_report_writes_then_fails_on_errors(raw, tmp_path, capsys):
     with pytest.raises(UserError):
         data.validate_and_report(raw, out, ValidateParams(strict=True))
     assert "notes.jpg" in capsys.readouterr().out
+
+
+def test_every_dataset_of_a_profile_is_validated_and_the_external_set_needs_no_split_minimum(tmp_path, raw, capsys):
+    from transfer_study.config import Dataset
+
+    few = tmp_path / "few"
+    for c, label in enumerate("abc"):
+        for i in range(2):
+            save(random_rgb(100 + 10 * c + i), few / label / f"{i}.png")
+    out = tmp_path / "validation.json"
+    reports = data.validate_datasets([Dataset("rep00", 0, str(raw), "c0"), Dataset("external", None, str(few), "c1")],
+                                     out, ValidateParams())
+    assert set(reports) == {"rep00", "external"} and set(json.loads(out.read_text())) == {"rep00", "external"}
+    assert f"external ({few}): " in capsys.readouterr().out
+    with pytest.raises(UserError, match="validation failed for rep01"):
+        data.validate_datasets([Dataset("rep00", 0, str(raw), "c0"), Dataset("rep01", 1, str(few), "c1")],
+                               out, ValidateParams())
+    assert json.loads(out.read_text())["rep01"]["passed"] is False  # written before the error

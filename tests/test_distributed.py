@@ -18,7 +18,7 @@ from conftest import make_split_project, tiny_params
 from mlflow.tracking import MlflowClient
 from test_faults import write_params
 
-from transfer_study import cells, checkpoints, config, distributed, imagestore, train
+from transfer_study import cells, checkpoints, config, distributed, imagestore, stopping, train
 from transfer_study.config import AugmentParams, ConfigError
 from transfer_study.distributed import World, loss_weight, shard_batches
 
@@ -51,7 +51,7 @@ def test_weighted_rank_losses_average_to_the_global_mean_loss():
     torch.testing.assert_close(sum(weighted) / world.size, global_mean)  # DDP averages over ranks
 
 
-def test_each_rank_trains_on_its_own_shard_of_every_epoch(tmp_path):
+def test_each_rank_trains_on_its_own_shard_of_every_epoch(tmp_path, monkeypatch):
     make_split_project(tmp_path)  # 12 train images
     manifest = pd.read_csv(tmp_path / "data/split/manifest.csv")
     data = imagestore.TrainingData(manifest, tmp_path, 32, tmp_path / "cache")
@@ -73,14 +73,20 @@ def test_each_rank_trains_on_its_own_shard_of_every_epoch(tmp_path):
         def set_schedule(self, steps_per_epoch, epochs, steps_done):
             pass
 
+        def set_lr_scale(self, scale):
+            pass
+
         def train_epoch(self, loader, progress):
             self.epochs.append(loader)
             return 0.0, 0.0
 
+    monkeypatch.setattr(World, "sum", lambda self, values, device: list(values))  # no process group here
     ranks = [RecordingTrainer(World(rank, 2)) for rank in (0, 1)]
+    params = tiny_params(epochs=2, batch_size=4)
     for trainer in ranks:
-        train._train_epochs(trainer, RecordingImages(), data.rows("train"), tiny_params(epochs=2, batch_size=4),
-                            cells.Cell("resnet18", "scratch", 0), 1, recorder=None)
+        train._train_epochs(trainer, RecordingImages(), data.rows("train"), params,
+                            cells.Cell("resnet18", "scratch", 0), stopping.stop_rule(params.train, 3), None,
+                            recorder=None, features=None)
     for epoch in range(2):
         rows = [[row for shard in rank.epochs[epoch] for row in shard] for rank in ranks]
         assert [len(shard) for shard in ranks[0].epochs[epoch]] == [2, 2, 2]  # per-rank batch: 4 / 2

@@ -346,3 +346,38 @@ def test_training_rows_a_learning_curve_run_left_out_are_read_but_not_scored(tmp
     frame.assign(split=["train", "holdout", "test"]).to_csv(tmp_path / "predictions.csv", index=False)
     with pytest.raises(UserError, match=r"unknown split\(s\) \['holdout'\]"):
         read_predictions(tmp_path / "predictions.csv", 2)
+
+
+def test_runs_csv_scores_the_external_set_records_the_training_rule_and_flags_one_class_predictors(tmp_path,
+                                                                                                    tracking):
+    """The runs.csv contract the report reads: every column of before, plus replicate, n_external and
+    external_<metric>, epochs, max_epochs, best_epoch, hit_cap and single_class."""
+    uri, experiment_id = tracking
+    models, out = tmp_path / "models", tmp_path / "evaluation"
+    write_fake_run(models, uri, experiment_id, "resnet18", "frozen", 0, 0.8)
+    write_fake_run(models, uri, experiment_id, "vgg19", "frozen", 0, 0.6)
+    run_dir = models / "resnet18-frozen" / "s0"
+    predictions = pd.read_csv(run_dir / "predictions.csv")
+    external = predictions[predictions["split"] == "test"].assign(split="external", pred=0)
+    external["path"] = "external/" + external["path"]
+    pd.concat([predictions, external]).to_csv(run_dir / "predictions.csv", index=False)
+    info = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps(info | {"replicate": 0, "epochs": 7, "max_epochs": 40,
+                                                         "best_epoch": 4, "hit_cap": False}))
+    one_class = models / "vgg19-frozen" / "s0" / "predictions.csv"
+    pd.read_csv(one_class).assign(pred=2).to_csv(one_class, index=False)  # every image called class 2
+
+    table = evaluate_runs(models, out, EvaluateParams(bootstrap_samples=50), uri).set_index("run")
+
+    assert list(pd.read_csv(out / "runs.csv").columns[:7]) == ["run", "architecture", "condition", "seed", "repeat",
+                                                              "fraction", "replicate"]
+    row = table.loc["resnet18-frozen-s0"]
+    assert row["n_external"] == len(external) and row["external_accuracy"] == pytest.approx(
+        float(np.mean(external["label"] == 0)))
+    assert {"external_precision_macro", "external_recall_macro", "external_f1_macro", "external_auc_macro"} <= set(
+        table.columns)
+    assert (row["epochs"], row["max_epochs"], row["best_epoch"], row["hit_cap"]) == (7, 40, 4, False)
+    assert not row["single_class"] and table.loc["vgg19-frozen-s0", "single_class"]
+    assert table.loc["vgg19-frozen-s0", "n_external"] == 0 and math.isnan(table.loc["vgg19-frozen-s0",
+                                                                                    "external_accuracy"])
+    assert "external" in json.loads((out / "metrics.json").read_text())["resnet18-frozen-s0"]

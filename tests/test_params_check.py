@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -53,12 +57,22 @@ def test_a_missing_param_a_stage_tracks_is_named_with_its_default(project):
         params_check.check_pipelines(project)
 
 
-def test_profiles_that_share_the_crops_must_make_them_alike(project):
-    """The README's cropper advice edits both files; one forgotten would stop training after DVC deleted its models."""
-    edit(project / "params.yaml", lambda raw: raw["preprocess"].update(cropper="none"))
-    with pytest.raises(ConfigError, match=r"params.yaml and params.quick.yaml share the crops in 'data/cropped' but "
-                                          r"not their preprocess settings \(cropper: 'none' vs 'foreground'\)"):
-        params_check.check_pipelines(project)
+def test_a_profile_pointed_at_another_s_crops_is_refused_before_any_stage_runs(project):
+    """Each pipeline makes its own crops, so two sharing paths.cropped would be two stages writing one
+    folder: DVC refuses that while it reads the pipelines, and the study's crops are left alone."""
+    study = yaml.safe_load((project / "params.yaml").read_text())
+    edit(project / "params.quick.yaml", lambda raw: raw["paths"].update(cropped=study["paths"]["cropped"]))
+    crop = project / study["paths"]["cropped"] / "coat" / "a.png"
+    crop.parent.mkdir(parents=True)
+    crop.write_bytes(b"a crop")
+    dvc = [str(Path(sys.executable).parent / "dvc")]
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=project, env=env, check=True)
+    refused = subprocess.run([*dvc, "repro", "profiles/quick/dvc.yaml"], cwd=project, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0
+    assert "output 'data/cropped' is specified in" in refused.stderr and "Running stage" not in refused.stdout
+    assert crop.read_bytes() == b"a crop" and not (project / params_check.CHECKED_NOTE).exists()
 
 
 def test_a_target_imagenet_does_not_have_is_caught_before_any_stage(project):

@@ -13,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from conftest import FMNIST_DIR, REPO_ROOT
@@ -58,7 +59,7 @@ def _tiny_params(root: Path, name: str = "params.yaml") -> None:
     # small_cnn-frozen is in train.exclude (params.yaml's and params.quick.yaml's): its matrix stage
     # must still leave its out.
     params["train"].update(architectures=["efficientnet_lite0", "small_cnn"], conditions=["frozen"], epochs=1,
-                           exclude=["small_cnn-frozen"], seeds=[0],
+                           exclude=["small_cnn-frozen"], seeds=[0], early_stopping=None,
                            image_size={"resnet18": 32, "vgg19": 32, "inception_v3": 75, "efficientnet_lite0": 32,
                                        "small_cnn": 28})
     params["split"].update(repeats=1, train_fractions=[1.0])
@@ -336,16 +337,56 @@ def test_readme_own_data_steps_print_what_they_say_and_a_typo_loses_nothing(tmp_
     assert not re.search(r"<script[^>]*\bsrc=", page), "the plots page loads a script from elsewhere"
 
 
+@pytest.mark.slow
+def test_the_quick_pipeline_draws_replicates_scores_the_external_set_and_rebuilds_them_byte_for_byte(tmp_path):
+    """A real `dvc repro` of the quick profile's replicates, validate and preprocess stages (tiny: 6
+    images a class, 2 replicates, 2 external images a class, one small-CNN epoch per replicate); the
+    replicates, deleted, come back with the same hashes, so nothing after them reruns. ~1 min."""
+    if not FMNIST_DIR.is_dir():
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    root = copy_repo(tmp_path / "repo")
+    (root / "data.dvc").unlink()  # a smaller default dataset than the committed version
+    params = yaml.safe_load((root / "params.quick.yaml").read_text())
+    params["data"].update(per_class=6, replicates=2, external_per_class=2)
+    params["train"].update(architectures=["small_cnn"], conditions=["scratch"], exclude=[],
+                           early_stopping={"patience_steps": 1, "min_steps": 0, "max_steps": 1})
+    params["evaluate"]["bootstrap_samples"] = 100
+    (root / "params.quick.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = _env(root)
+    _run([str(BIN / "transfer-study"), "--params", "params.quick.yaml", "data", "fetch"], root, env)
+    log = _run([str(BIN / "dvc"), "repro", "profiles/quick/dvc.yaml"], root, env).stdout
+    assert "Running stage 'profiles/quick/dvc.yaml:replicates'" in log and "external test set: 12 images" in log
+
+    manifest = pd.read_csv(root / "outputs/quick/split/manifest.csv")
+    assert manifest.groupby("replicate")["path"].count().to_dict() == {0: 36, 1: 36}
+    assert (manifest.loc[manifest["replicate"].isna(), "split"] == "external").sum() == 12
+    runs = pd.read_csv(root / "outputs/quick/evaluation/runs.csv").set_index("run")
+    assert list(runs.index) == ["small_cnn-scratch-s0", "small_cnn-scratch-s0-rep1"]
+    assert (runs["n_external"] == 12).all() and runs["external_accuracy"].notna().all()
+    assert (runs["max_epochs"] == 1).all() and runs["hit_cap"].dtype == bool
+    assert "up to date" in _run([str(BIN / "dvc"), "status", "profiles/quick/dvc.yaml"], root, env).stdout
+
+    for folder in ("data/pool", "data/replicates", "data/external"):
+        shutil.rmtree(root / folder)
+    again = _run([str(BIN / "dvc"), "repro", "profiles/quick/dvc.yaml"], root, env).stdout
+    assert "Running stage 'profiles/quick/dvc.yaml:replicates'" in again
+    assert "Running stage 'profiles/quick/dvc.yaml:validate'" not in again, "the rebuilt replicates differ"
+    assert "up to date" in _run([str(BIN / "dvc"), "status", "profiles/quick/dvc.yaml"], root, env).stdout
+
+
 def test_the_quick_pipeline_tracks_what_the_study_pipeline_tracks():
-    """profiles/quick/dvc.yaml repeats dvc.yaml's train/evaluate/report/register stages for the quick
-    profile: the same code deps and the same params, so neither reruns less than it should."""
+    """profiles/quick/dvc.yaml repeats every stage of dvc.yaml for the quick profile: the same code
+    deps and the same params, so neither reruns less than it should; its replicates stage is its own."""
     study = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
     quick = yaml.safe_load((REPO_ROOT / "profiles/quick/dvc.yaml").read_text())["stages"]
+    assert set(quick) == set(study) - {"check-params"} | {"replicates"}  # the study's check-params checks both
+    assert "src/transfer_study/replicates.py" not in str(study), "the study's stages must not run replicate code"
     for name, stage in quick.items():
+        if name == "replicates":
+            continue
         assert stage["wdir"] == "../..", name
         assert stage["cmd"].startswith("transfer-study --params params.quick.yaml "), name
         assert stage["cmd"].split("params.quick.yaml ", 1)[1] == study[name]["cmd"].removeprefix("transfer-study "), name
         code = [d for d in stage["deps"] if d.startswith("src/")]
         assert code == [d for d in study[name]["deps"] if d.startswith("src/")], name
         assert stage["params"] == [{"params.quick.yaml": study[name]["params"]}], name
-    assert set(quick) == set(study) - {"check-params", "validate", "preprocess"}  # each profile splits its own way

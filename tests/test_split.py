@@ -21,6 +21,7 @@ from transfer_study.split import (
     subset_size,
     train_images_per_class,
     train_ranks,
+    cell_manifest,
     write_manifest,
 )
 
@@ -319,3 +320,66 @@ def test_read_manifest_checks_what_training_needs(tmp_path):
         read_manifest(tmp_path / "old.csv")
     with pytest.raises(UserError, match="not found; run `dvc repro split` first"):
         read_manifest(tmp_path / "missing.csv")
+
+
+# --------------------------------------------------------------------------------------------
+# Replicates and the external test set
+# --------------------------------------------------------------------------------------------
+
+
+def replicate_items(replicates: int, per_label: int = 20, external: int = 5) -> pd.DataFrame:
+    """make_items for each replicate (its own contents) and an external set (replicate <NA>)."""
+    frames = [make_items({"a": per_label, "b": per_label}).assign(
+        path=lambda f, r=r: f["path"].str.replace("crops/", f"crops/rep{r}/"),
+        sha256=lambda f, r=r: f["sha256"] + str(r), replicate=r) for r in range(replicates)]
+    frames.append(make_items({"a": external, "b": external}).assign(
+        path=lambda f: f["path"].str.replace("crops/", "crops/external/"), sha256=lambda f: f["sha256"] + "x",
+        replicate=pd.NA))
+    items = pd.concat(frames, ignore_index=True)
+    items["replicate"] = items["replicate"].astype("Int64")
+    return items
+
+
+def test_each_replicate_is_split_on_its_own_and_the_external_rows_are_never_trained_on():
+    items = replicate_items(3)
+    frame = manifest_frame(items, CURVE)
+    external = frame["replicate"].isna()
+    assert (frame.loc[external, ["split", "split_r1", "split_r2"]] == "external").all().all()
+    assert frame.loc[external, "train_rank_r0"].isna().all()
+    for replicate in range(3):
+        rows = rows_for(frame, 0, 1.0, replicate)
+        assert len(rows) == 40 and rows["path"].str.contains(f"rep{replicate}/").all()
+        assert pd.crosstab(rows["label"], rows["split"]).loc["a"].to_dict() == split_sizes(20, CURVE)
+    # Replicate 0 is split as a manifest without replicates splits the same images.
+    alone = manifest_frame(items[items["replicate"] == 0].drop(columns="replicate"), CURVE)
+    assert split_of(rows_for(frame, 0, 1.0, 0)) == split_of(alone)
+
+
+def test_a_cell_predicts_its_replicate_and_the_external_rows():
+    frame = manifest_frame(replicate_items(2), CURVE)
+    cell = cell_manifest(frame, 1, 0.5, replicate=1)
+    assert list(cell.columns) == ["path", "label", "split", "sha256"]
+    assert set(cell["split"]) == {"train", "val", "test", "unused", "external"}
+    assert cell.loc[cell["split"] != "external", "path"].str.contains("rep1/").all()
+    assert (cell["split"] == "external").sum() == 10
+    with pytest.raises(UserError, match="data.replicates to at least 3"):
+        cell_manifest(frame, 0, 1.0, replicate=2)
+    with pytest.raises(UserError, match="no replicates"):
+        rows_for(manifest_frame(make_items({"a": 9}), PARAMS), 0, 1.0, replicate=1)
+
+
+def test_write_manifest_of_several_datasets_round_trips(tmp_path, capsys):
+    folders = []
+    for name, count in (("rep0", 9), ("rep1", 9), ("external", 4)):
+        for label in ("a", "b"):
+            for i in range(count):
+                path = tmp_path / "crops" / name / label / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (8, 8), (i, len(name), ord(label))).save(path)
+        folders.append((None if name == "external" else int(name[-1]), tmp_path / "crops" / name))
+    written = write_manifest(folders, tmp_path / "manifest.csv", PARAMS)
+    manifest = read_manifest(tmp_path / "manifest.csv")
+    assert list(manifest.columns) == ["path", "label", "split", "sha256", "replicate"]
+    assert manifest["split"].value_counts()["external"] == 8 and manifest["replicate"].isna().sum() == 8
+    assert sorted(manifest["replicate"].dropna().unique()) == [0, 1] and len(written) == len(manifest)
+    assert "2 replicate(s), each split on its own; external test set: 8 images" in capsys.readouterr().out

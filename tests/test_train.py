@@ -304,7 +304,9 @@ def test_changed_params_or_data_start_fresh_and_say_so(project, tracking_uri, mo
     assert load_checkpoint(third / "resume.pt")["epoch"] == 1
 
 
-def test_frozen_without_augmentation_trains_the_head_on_cached_features(project, tracking_uri, capsys):
+def test_frozen_without_augmentation_trains_the_head_on_cached_features(project, tracking_uri, capsys, monkeypatch):
+    """The backbone sees each image once; validation, training and the run's predictions take its
+    features from there, and the predictions are the whole model's (best.pt) on the images."""
     from transfer_study.config import AugmentParams
 
     params = tiny_params(epochs=2, augment=AugmentParams(rotation=0.0, translate=0.0, hflip=False))
@@ -319,9 +321,20 @@ def test_frozen_without_augmentation_trains_the_head_on_cached_features(project,
     torch.testing.assert_close(features[: len(direct)], direct)
     assert labels.tolist() == data.labels[data.rows("train")].tolist()
 
+    seen = []  # images through the backbone, by the cached path or the whole model
+    for method in ("forward_features", "forward"):
+        original = getattr(models.TransferNet, method)
+        monkeypatch.setattr(models.TransferNet, method,
+                            lambda self, x, original=original: seen.append(len(x)) or original(self, x))
     run_dir = train_cell(params, Cell("efficientnet_lite0", "frozen", 0), project, tracking_uri)
     assert "cached features" in capsys.readouterr().err
     assert len(pd.read_csv(run_dir / "history.csv")) == 2
+    predictions = pd.read_csv(run_dir / "predictions.csv")
+    # each image once, for every epoch and split; then MLflow checks the logged model on its input example
+    assert seen == [len(data.manifest), len(serve.example_images())] and len(predictions) == len(data.manifest)
+    trainer.model.load_state_dict(load_checkpoint(run_dir / "best.pt")["model"])
+    probs, _ = trainer.predict(data.on_device(torch.device("cpu")).in_order(np.arange(len(predictions)), 8))
+    np.testing.assert_allclose(predictions.filter(like="prob_").to_numpy(), probs, atol=1e-5)
 
 
 def test_crops_made_with_other_settings_stop_training_before_it_starts(project, tracking_uri):
@@ -373,3 +386,47 @@ def test_a_missing_requirement_stops_the_cell_before_training(project, tracking_
     with pytest.raises(UserError, match="torchvision is not installed"):
         train_cell(tiny_params(), Cell("resnet18", "scratch", 0), project, tracking_uri)
     assert not (project / "checkpoints").exists(), "training started before the check"
+
+
+def test_early_stopping_keeps_the_rules_best_epoch_and_records_how_the_run_ended(project, tracking_uri):
+    """run.json and metrics.json record the training rule's outcome on the run's own history
+    (stopping.progress), and best.pt holds the epoch the rule calls best."""
+    from transfer_study.config import EarlyStoppingParams
+    from transfer_study.stopping import progress, stop_rule
+
+    rule = EarlyStoppingParams(patience_steps=3, min_steps=0, max_steps=12, lr_reductions=1, lr_factor=0.5)
+    params, run_dir = _run_cell(project, tracking_uri, "small_cnn", "scratch", epochs=99, early_stopping=rule)
+    info = json.loads((run_dir / "run.json").read_text())
+    history = pd.read_csv(run_dir / "history.csv").to_dict("records")
+    decision = progress(history, stop_rule(params.train, 3))  # 12 training images, batches of 4
+    assert decision.stop and info["max_epochs"] == 4 and info["replicate"] == 0
+    assert {k: info[k] for k in ("epochs", "best_epoch", "hit_cap")} == {
+        "epochs": len(history), "best_epoch": decision.best_epoch, "hit_cap": decision.hit_cap}
+    assert json.loads((run_dir / "metrics.json").read_text())["best_epoch"] == decision.best_epoch
+    assert load_checkpoint(run_dir / "best.pt")["epoch"] == decision.best_epoch
+    run = MlflowClient(tracking_uri).get_run(info["run_id"])
+    assert run.data.tags["replicate"] == "0" and run.data.metrics["best_epoch"] == decision.best_epoch
+    assert run.data.params["train.early_stopping.patience_steps"] == "3"
+
+
+def test_a_frozen_backbone_with_flips_caches_each_image_and_its_mirror_image(project):
+    from transfer_study.config import AugmentParams
+
+    params = tiny_params(augment=AugmentParams(rotation=0.0, translate=0.0, hflip=True))
+    trainer = Trainer(params, Cell("efficientnet_lite0", "frozen", 0), 3, torch.device("cpu"))
+    data = imagestore.TrainingData(pd.read_csv(project / "data/split/manifest.csv"), project, 32, project / "cache")
+    batches = list(data.on_device(torch.device("cpu")).in_order(data.rows("train"), 4))
+    mirrored, _ = trainer.cached_features(batches, flipped=True)
+    images, _ = batches[0]
+    with torch.no_grad():
+        flipped = trainer.model.forward_features(
+            transforms.normalize(transforms.to_model_input(images.flip(3), torch.device("cpu"), False)))
+    torch.testing.assert_close(mirrored[: len(flipped)], flipped)
+    features = torch.stack([trainer.cached_features(batches)[0], mirrored])
+    seen = []
+    trainer.trained = lambda batch: seen.append(batch.clone()) or trainer.model.head(batch)
+    trainer.train_head_epoch(features, torch.zeros(features.shape[1], dtype=torch.long), torch.Generator().manual_seed(0),
+                             None)
+    rows = torch.cat(seen)
+    from_mirror = [any(torch.equal(row, f) for f in features[1]) for row in rows]
+    assert 0 < sum(from_mirror) < len(rows), "every image, or none, was flipped"

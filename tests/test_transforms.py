@@ -80,3 +80,6 @@ def test_device_augment_draws_per_sample_within_the_params():
     differences = (out - out[:1]).flatten(1).abs().amax(1)
     assert (differences[1:] > 1e-3).all(), "every image should get its own draw"
     assert torch.equal(transforms.DeviceAugment(AugmentParams(0.0, 0.0, False))(images), images)
+    flipped = transforms.DeviceAugment(AugmentParams(0.0, 0.0, True))(images)
+    mirrored = [torch.equal(o, images[0].flip(-1)) for o in flipped]
+    assert all(m or torch.equal(o, images[0]) for m, o in zip(mirrored, flipped)) and 10 < sum(mirrored) < 54

@@ -40,7 +40,7 @@ from .config import CONDITIONS, UserError
 METRICS = ("test_accuracy", "test_f1_macro")
 RUN_COLUMNS = ("architecture", "condition", "seed", "repeat", "fraction", "train_per_class", *METRICS)
 PRETRAINED = tuple(c for c in CONDITIONS if c != "scratch")  # frozen, finetune
-UNIT = ["seed", "repeat"]
+UNIT = ["replicate", "seed", "repeat"]  # a pair: the same replicate dataset, seed and split
 BETTER, WORSE, UNCLEAR, SINGLE = "better", "worse", "not distinguishable", "single run"
 EXACT_UP_TO = 16  # pairs: 2^16 sign patterns enumerate in milliseconds; beyond, sample that many
 # catch-up statuses
@@ -116,6 +116,11 @@ def summarise_differences(d: np.ndarray, confidence: float) -> dict:
 # --------------------------------------------------------------------------- runs → pairs
 
 
+def with_replicate(runs: pd.DataFrame) -> pd.DataFrame:
+    """runs with a `replicate` column: a table without one holds replicate 0 alone."""
+    return runs if "replicate" in runs.columns else runs.assign(replicate=0)
+
+
 def check_runs(runs: pd.DataFrame) -> None:
     """Raise UserError unless runs has RUN_COLUMNS and one row per (architecture, condition, seed, repeat, fraction)."""
     missing = [c for c in RUN_COLUMNS if c not in runs.columns]
@@ -126,7 +131,7 @@ def check_runs(runs: pd.DataFrame) -> None:
     if len(twice):
         first = twice.iloc[0]
         raise UserError("the runs table has more than one run for " + ", ".join(f"{k}={first[k]}" for k in key)
-                        + "; keep one run per cell, seed, repeat and fraction")
+                        + "; keep one run per cell, replicate, seed, repeat and fraction")
 
 
 def paired_runs(runs: pd.DataFrame) -> pd.DataFrame:
@@ -135,6 +140,7 @@ def paired_runs(runs: pd.DataFrame) -> pd.DataFrame:
     Columns: architecture, pretrained (frozen or finetune), seed, repeat, fraction, train_per_class,
     and per metric m: m_pretrained, m_scratch, m_difference (pretrained − scratch).
     """
+    runs = with_replicate(runs)
     check_runs(runs)
     key = ["architecture", *UNIT, "fraction"]
     scratch = runs[runs["condition"] == "scratch"][[*key, *METRICS]]
@@ -172,6 +178,7 @@ def cell_summary(runs: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
 
     The interval spans seed-to-seed and split-to-split spread; it is what a parent run carries.
     """
+    runs = with_replicate(runs)
     check_runs(runs)
     rows = []
     for (arch, condition, fraction), group in runs.groupby(["architecture", "condition", "fraction"]):

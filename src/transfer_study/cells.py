@@ -1,5 +1,6 @@
 """The cells of the study, as params ask for them: one run each of (architecture, condition)
-× seed × split repeat × training fraction. Repeat 0 at fraction 1 is the study's own run."""
+× replicate dataset × seed × split repeat × training fraction. Replicate 0, repeat 0 at
+fraction 1 is the study's own run; the replicate is the independent unit."""
 
 from __future__ import annotations
 
@@ -15,16 +16,19 @@ class Cell:
     seed: int
     repeat: int = 0  # which stratified split (split.repeats)
     fraction: float = 1.0  # share of that split's training images (split.train_fractions)
+    replicate: int = 0  # which independent replicate dataset (data.replicates); 0: paths.raw
 
     @property
     def variant(self) -> str:
-        """`s<seed>`, with `-r<repeat>` and `-f<fraction>` when they are not the study's 0 and 1."""
-        suffix = (f"-r{self.repeat}" if self.repeat else "") + (f"-f{self.fraction:g}" if self.fraction != 1 else "")
+        """`s<seed>`, with `-rep<replicate>`, `-r<repeat>` and `-f<fraction>` when they are not the
+        study's 0, 0 and 1."""
+        suffix = ((f"-rep{self.replicate}" if self.replicate else "") + (f"-r{self.repeat}" if self.repeat else "")
+                  + (f"-f{self.fraction:g}" if self.fraction != 1 else ""))
         return f"s{self.seed}{suffix}"
 
     @property
     def group(self) -> str:
-        """`<arch>-<condition>`: the study's cell, whose runs differ in seed, split and size."""
+        """`<arch>-<condition>`: the study's cell, whose runs differ in replicate, seed, split and size."""
         return f"{self.architecture}-{self.condition}"
 
     @property
@@ -37,8 +41,8 @@ class Cell:
 
 
 def runs_per_group(params: Params) -> int:
-    """How many runs each (architecture, condition) has: seeds × split repeats × training fractions."""
-    return len(params.train.seeds) * params.split.repeats * len(params.split.train_fractions)
+    """How many runs each (architecture, condition) has: replicates × seeds × split repeats × training fractions."""
+    return params.data.replicates * len(params.train.seeds) * params.split.repeats * len(params.split.train_fractions)
 
 
 def cells_for(params: Params, architecture: str | None = None, condition: str | None = None,
@@ -47,11 +51,12 @@ def cells_for(params: Params, architecture: str | None = None, condition: str | 
     run of them (its `variant`, e.g. s0-r1-f0.5)."""
     t = params.train
     chosen = [
-        Cell(a, c, s, r, f)
+        Cell(a, c, s, r, f, replicate)
         for a in t.architectures
         for c in t.conditions
         if f"{a}-{c}" not in t.exclude
         for f in params.split.train_fractions
+        for replicate in range(params.data.replicates)
         for r in range(params.split.repeats)
         for s in t.seeds
     ]

@@ -82,32 +82,49 @@ def data_fetch(ctx: click.Context, dest: Path | None, source: Path | None) -> No
 @click.option("--verbose", is_flag=True, help="List every conversion and upscaled image, per file.")
 @click.pass_context
 def data_validate(ctx: click.Context, strict: bool, verbose: bool) -> None:
-    """Check data/raw before anything trains; write the summary metric (paths.validation)."""
-    from .data import validate_and_report
+    """Check data/raw (and the profile's replicates) before anything trains; write the summary metric
+    (paths.validation)."""
+    from .data import validate_datasets
 
     params = _params(ctx)
-    validate_and_report(Path(params.paths.raw), Path(params.paths.validation), params.validate, strict=strict,
-                        verbose=verbose, input_size=config.model_input_size(params.train))
+    validate_datasets(config.profile_datasets(params), Path(params.paths.validation), params.validate, strict=strict,
+                      verbose=verbose, input_size=config.model_input_size(params.train))
+
+
+@data.command("replicates")
+@click.option("--source", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder holding Fashion-MNIST's idx files (default: Debian's, then upstream).")
+@click.pass_context
+def data_replicates(ctx: click.Context, source: Path | None) -> None:
+    """Draw the replicate datasets and the external test set from Fashion-MNIST (paths.pool,
+    paths.replicates, paths.external)."""
+    from .replicates import describe, draw_replicates
+
+    params = _params(ctx)
+    summary = draw_replicates(_root(), params, ctx.find_root().obj["params_path"], source)
+    click.echo(describe(summary, params.paths))
 
 
 @cli.command()
 @click.pass_context
 def preprocess(ctx: click.Context) -> None:
-    """Crop every raw image to its garment and store it square, as RGB (paths.cropped)."""
-    from .preprocess import preprocess_dataset
+    """Crop every raw image (of each replicate) to its garment and store it square, as RGB (paths.cropped)."""
+    from .preprocess import preprocess_datasets
 
     params = _params(ctx)
-    preprocess_dataset(Path(params.paths.raw), Path(params.paths.cropped), params.preprocess)
+    preprocess_datasets([(d.name, Path(d.raw), Path(d.cropped)) for d in config.profile_datasets(params)],
+                        Path(params.paths.cropped), params.preprocess)
 
 
 @cli.command()
 @click.pass_context
 def split(ctx: click.Context) -> None:
-    """Write the stratified train/val/test manifest (paths.manifest)."""
+    """Write the stratified train/val/test manifest (paths.manifest), each replicate split on its own."""
     from .split import write_manifest
 
     params = _params(ctx)
-    write_manifest(Path(params.paths.cropped), Path(params.paths.manifest), params.split)
+    write_manifest([(d.replicate, Path(d.cropped)) for d in config.profile_datasets(params)],
+                   Path(params.paths.manifest), params.split)
 
 
 @cli.group()
@@ -327,10 +344,13 @@ def pipeline(ctx: click.Context, skip_data: bool, skip_plan: bool) -> None:
         ctx.invoke(plan, skip_data=skip_data)
     stages = [split, train, evaluate, report, register]
     if not skip_data:
+        from .replicates import draws_anything
+
         raw = Path(params.paths.raw)
         if not (raw.is_dir() and any(raw.iterdir())):
             ctx.invoke(data_fetch)
-        stages = [data_validate, preprocess] + stages
+        drawn = [data_replicates] if draws_anything(params.data) else []
+        stages = [*drawn, data_validate, preprocess, *stages]
     for command in stages:
         click.echo(f"== {command.name} ==", err=True)
         ctx.invoke(command)

@@ -37,6 +37,11 @@ INCEPTION_MIN_SIZE = 75
 DEFAULT_DATASET_MD5 = "6298280f42a1a76b2c1995959781ba9d.dir"
 MIN_IMAGE_SIZE = 32
 SMALL_CNN_MIN_SIZE = 16  # built for small images, e.g. Fashion-MNIST's own 28 px
+# Fashion-MNIST holds 6,000 training and 1,000 test images per class: replicates of data.per_class
+# images each, disjoint, fit 6000 // per_class times (20 at the study's 300); the external test set
+# takes at most the 1,000 test images of each class.
+FMNIST_TRAIN_PER_CLASS = 6000
+FMNIST_TEST_PER_CLASS = 1000
 
 
 class UserError(Exception):
@@ -55,6 +60,12 @@ class DataParams:
     per_class: int = 300
     seed: int = 0
     source: str | None = None  # a folder of Fashion-MNIST idx(.gz) files; None: Debian, then upstream
+    # Independent replicate datasets the runs train on: replicate 0 is paths.raw, the others are drawn
+    # from the pool (Fashion-MNIST's training images), disjoint from it and from each other.
+    replicates: int = 1
+    # Official Fashion-MNIST test images per class that every run also predicts and is scored on
+    # (split "external"; never trained on or chosen by); 0: none.
+    external_per_class: int = 0
 
 
 @dataclass(frozen=True)
@@ -97,6 +108,21 @@ class AugmentParams:
 
 
 @dataclass(frozen=True)
+class EarlyStoppingParams:
+    """The training rule of the replicated profiles (stopping.py), in optimiser steps, so that a
+    smaller training set gets as many steps as a larger one: when the validation loss has not
+    improved for `patience_steps`, cut the learning rate by `lr_factor` (at most `lr_reductions`
+    times, the patience starting again after each), else stop; at least `min_steps` and at most
+    `max_steps`; keep the best epoch's weights. Checked at the end of each epoch."""
+
+    patience_steps: int = 200
+    min_steps: int = 0
+    max_steps: int = 2000
+    lr_reductions: int = 0
+    lr_factor: float = 0.1
+
+
+@dataclass(frozen=True)
 class TrainParams:
     architectures: tuple[str, ...] = ("resnet18", "vgg19", "inception_v3")
     conditions: tuple[str, ...] = ("scratch", "frozen")
@@ -121,6 +147,9 @@ class TrainParams:
     schedule: str = "constant"  # learning rate over training: constant (the study's), cosine or onecycle
     label_smoothing: float = 0.0  # the study's plain cross-entropy; e.g. 0.1 for tuned profiles
     save_every_s: float = 60.0  # resume state (and MLflow's epoch metrics) at most this often; 0: every epoch but the last
+    # null: `epochs` epochs, the best checkpoint by validation accuracy (the study's protocol);
+    # otherwise early stopping on the validation loss (EarlyStoppingParams), and `epochs` is unused.
+    early_stopping: EarlyStoppingParams | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +193,9 @@ class PathParams:
     validation: str = "data/validation.json"
     manifest: str = "data/split/manifest.csv"
     outputs: str = "."  # models/, evaluation/ and reports/ go under this folder
+    pool: str = "data/pool"  # Fashion-MNIST as released: what replicates and the external set are drawn from
+    replicates: str = "data/replicates"  # replicates 1, 2, ... as raw folders (rep01/<class>/...)
+    external: str = "data/external"  # the external test set as a raw folder (<class>/...)
 
 
 @dataclass(frozen=True)
@@ -395,6 +427,8 @@ def _check(params: Params) -> None:
             f"split ratios train={s.train}, val={s.val}, test={s.test} must be positive and sum to 1"
         )
     _check_split_repeats(s)
+    _check_replicates(params.data)
+    _check_early_stopping(t.early_stopping)
     _check_executor(params.executor)
     p = params.preprocess
     if p.cropper not in CROPPERS:
@@ -440,6 +474,31 @@ def _check_split_repeats(s: SplitParams) -> None:
         raise ConfigError(f"split.train_fractions = {list(fractions)} lists a fraction twice; list each once")
 
 
+def _check_replicates(d: DataParams) -> None:
+    """How many replicates and external test images Fashion-MNIST can give at data.per_class."""
+    most = max(FMNIST_TRAIN_PER_CLASS // max(d.per_class, 1), 1)
+    if not 1 <= d.replicates <= most:
+        raise ConfigError(f"data.replicates = {d.replicates}; Fashion-MNIST's {FMNIST_TRAIN_PER_CLASS} training images "
+                          f"per class hold 1 to {most} disjoint replicates of data.per_class = {d.per_class}")
+    if not 0 <= d.external_per_class <= FMNIST_TEST_PER_CLASS:
+        raise ConfigError(f"data.external_per_class = {d.external_per_class}; use 0 (no external test set) to "
+                          f"{FMNIST_TEST_PER_CLASS} (every Fashion-MNIST test image of each class)")
+
+
+def _check_early_stopping(rule: EarlyStoppingParams | None) -> None:
+    if rule is None:
+        return
+    for name in ("patience_steps", "max_steps"):
+        if getattr(rule, name) < 1:
+            raise ConfigError(f"train.early_stopping.{name} = {getattr(rule, name)}; use an integer of at least 1")
+    if not 0 <= rule.min_steps <= rule.max_steps:
+        raise ConfigError(f"train.early_stopping.min_steps = {rule.min_steps}; use 0 to max_steps "
+                          f"({rule.max_steps})")
+    if rule.lr_reductions < 0:
+        raise ConfigError(f"train.early_stopping.lr_reductions = {rule.lr_reductions}; use 0 (stop when the "
+                          f"patience runs out) or more")
+    if not 0 < rule.lr_factor < 1:
+        raise ConfigError(f"train.early_stopping.lr_factor = {rule.lr_factor}; use a number between 0 and 1, e.g. 0.1")
 def _check_executor(e: ExecutorParams) -> None:
     """Values Ray would refuse, or that would start every run at once, caught while the params load."""
     if e.kind not in EXECUTORS:
@@ -489,6 +548,39 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return params
 
 
+@dataclass(frozen=True)
+class Dataset:
+    """One dataset of a profile: a raw folder of class folders, and where the data stages put its crops."""
+
+    name: str  # rep00, rep01, ... or external
+    replicate: int | None  # None: the external test set
+    raw: str
+    cropped: str
+
+
+EXTERNAL = "external"
+
+
+def replicate_name(replicate: int) -> str:
+    """`rep00`, `rep01`, ...: a replicate's folder name."""
+    return f"rep{replicate:02d}"
+
+
+def profile_datasets(params: Params) -> list[Dataset]:
+    """The datasets a profile validates, crops and splits, replicate 0 first.
+
+    With one replicate and no external test set (the study, your own data) the crops keep their
+    one layout, paths.cropped/<class>/. Otherwise each dataset has a folder under paths.cropped:
+    rep00 (from paths.raw), rep01, ... (from paths.replicates/rep01, ...) and external (from
+    paths.external)."""
+    p, d = params.paths, params.data
+    if d.replicates == 1 and not d.external_per_class:
+        return [Dataset(replicate_name(0), 0, p.raw, p.cropped)]
+    datasets = [Dataset(replicate_name(r), r, p.raw if r == 0 else f"{p.replicates}/{replicate_name(r)}",
+                        f"{p.cropped}/{replicate_name(r)}") for r in range(d.replicates)]
+    if d.external_per_class:
+        datasets.append(Dataset(EXTERNAL, None, p.external, f"{p.cropped}/{EXTERNAL}"))
+    return datasets
 def _default_of(key: str) -> Any:
     """The default of a dotted param key ('train.epochs'), from the dataclasses; None when unknown."""
     value: Any = Params()

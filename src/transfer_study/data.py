@@ -18,14 +18,14 @@ import zlib
 from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO, Literal
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from transfer_study.config import ConfigError, DataParams, UserError, ValidateParams
+from transfer_study.config import ConfigError, DataParams, Dataset, UserError, ValidateParams
 
 # --------------------------------------------------------------------------------------------
 # Fashion-MNIST
@@ -44,10 +44,17 @@ FMNIST_LABELS: dict[str, int] = {
 
 IMAGES_FILE = "train-images-idx3-ubyte"
 LABELS_FILE = "train-labels-idx1-ubyte"
+TEST_IMAGES_FILE = "t10k-images-idx3-ubyte"
+TEST_LABELS_FILE = "t10k-labels-idx1-ubyte"
+# The (images, labels) files of each part of the release: 60,000 training and 10,000 test images.
+FMNIST_PARTS: dict[str, tuple[str, str]] = {"train": (IMAGES_FILE, LABELS_FILE),
+                                             "test": (TEST_IMAGES_FILE, TEST_LABELS_FILE)}
 # sha256 of the decompressed files: Debian recompressed the .gz files, so their hashes differ.
 FMNIST_SHA256: dict[str, str] = {
     IMAGES_FILE: "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
     LABELS_FILE: "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    TEST_IMAGES_FILE: "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    TEST_LABELS_FILE: "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
 }
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 UPSTREAM_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -69,26 +76,35 @@ def fetch_dataset(
     a download into `cache_dir`. Refuses to run if `dest` holds files this fetch would not
     write. Returns {"source", "classes": {class: count}, "total", "written"}.
     """
-    labels_of = _check_classes(params)
-    folder = _resolve_source(source if source is not None else params.source, cache_dir or DEFAULT_CACHE_DIR)
+    check_classes(params)  # before anything is read or downloaded
+    folder = resolve_source(source if source is not None else params.source, cache_dir or DEFAULT_CACHE_DIR)
     images, labels = load_fmnist(folder)
-    chosen = choose_indices(labels, labels_of, params.per_class, params.seed)
-    planned = {
-        Path(name) / f"fmnist-{index:05d}.png": encode_png(images[index])
-        for name, indices in chosen.items()
-        for index in indices
-    }
-    _refuse_foreign_files(Path(dest), planned)
-    written = _write_files(Path(dest), planned)
+    planned = default_dataset_files(images, labels, params)
+    written = write_dataset_files(Path(dest), planned)
     return {
         "source": str(folder),
-        "classes": {name: len(indices) for name, indices in chosen.items()},
+        "classes": dict(Counter(path.parts[0] for path in planned)),
         "total": len(planned),
         "written": written,
     }
 
 
-def _check_classes(params: DataParams) -> dict[str, int]:
+def default_dataset_files(images: np.ndarray, labels: np.ndarray, params: DataParams) -> dict[Path, bytes]:
+    """The default dataset as files: `<class>/fmnist-<index>.png` -> PNG bytes, for the seeded
+    choice of params.per_class training images per class (what `data fetch` writes)."""
+    chosen = choose_indices(labels, check_classes(params), params.per_class, params.seed)
+    return {Path(name) / f"fmnist-{index:05d}.png": encode_png(images[index])
+            for name, indices in chosen.items() for index in indices}
+
+
+def write_dataset_files(dest: Path, planned: dict[Path, bytes]) -> int:
+    """Write planned files (relative path -> bytes) under dest, refusing to run if dest holds any
+    other file; files already there with the same bytes are kept. Returns how many were written."""
+    _refuse_foreign_files(Path(dest), planned)
+    return _write_files(Path(dest), planned)
+
+
+def check_classes(params: DataParams) -> dict[str, int]:
     """Map each class in params.classes to its Fashion-MNIST label; ConfigError for unknown or repeated names."""
     unknown = [name for name in params.classes if name not in FMNIST_LABELS]
     if unknown:
@@ -111,25 +127,27 @@ def _find_idx_file(folder: Path, name: str) -> Path | None:
     return None
 
 
-def _resolve_source(source: str | Path | None, cache_dir: Path) -> Path:
-    """The folder holding both idx files: the given source, else Debian's, else a fresh download."""
+def resolve_source(source: str | Path | None, cache_dir: Path, parts: tuple[str, ...] = ("train",)) -> Path:
+    """The folder holding the idx files of `parts` (FMNIST_PARTS): the given source, else Debian's,
+    else a fresh download into cache_dir."""
+    names = [name for part in parts for name in FMNIST_PARTS[part]]
     if source is not None:
         folder = Path(source)
         if not folder.is_dir():
             raise UserError(f"--source '{folder}' is not a folder; give the folder holding {IMAGES_FILE}.gz")
-        for name in FMNIST_SHA256:
+        for name in names:
             if _find_idx_file(folder, name) is None:
                 raise UserError(f"--source '{folder}' has no {name} or {name}.gz; copy it there or drop --source")
         return folder
-    if all(_find_idx_file(DEBIAN_DIR, name) for name in FMNIST_SHA256):
+    if all(_find_idx_file(DEBIAN_DIR, name) for name in names):
         return DEBIAN_DIR
-    return _download(cache_dir)
+    return _download(cache_dir, names)
 
 
-def _download(cache_dir: Path) -> Path:
-    """Download the gzipped idx files into cache_dir unless they are there; return cache_dir."""
+def _download(cache_dir: Path, names: list[str]) -> Path:
+    """Download the gzipped idx files `names` into cache_dir unless they are there; return cache_dir."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    for name in FMNIST_SHA256:
+    for name in names:
         if _find_idx_file(cache_dir, name) is not None:
             continue
         url = f"{UPSTREAM_URL}{name}.gz"
@@ -142,7 +160,7 @@ def _download(cache_dir: Path) -> Path:
     return cache_dir
 
 
-def _read_verified(folder: Path, name: str) -> bytes:
+def read_verified(folder: Path, name: str) -> bytes:
     """The decompressed content of idx file `name` in `folder`, checked against its known sha256."""
     path = _find_idx_file(folder, name)
     if path is None:
@@ -170,11 +188,11 @@ def parse_idx(data: bytes) -> np.ndarray:
     return body.reshape(dims)
 
 
-def load_fmnist(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The verified Fashion-MNIST train set in `folder`: images (60000, 28, 28) and labels (60000,), uint8."""
-    images = parse_idx(_read_verified(folder, IMAGES_FILE))
-    labels = parse_idx(_read_verified(folder, LABELS_FILE))
-    return images, labels
+def load_fmnist(folder: Path, part: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """A verified part of Fashion-MNIST in `folder`: images (N, 28, 28) and labels (N,), uint8;
+    N = 60000 for "train", 10000 for "test"."""
+    images_file, labels_file = FMNIST_PARTS[part]
+    return parse_idx(read_verified(folder, images_file)), parse_idx(read_verified(folder, labels_file))
 
 
 def choose_indices(labels: np.ndarray, labels_of: dict[str, int], per_class: int, seed: int) -> dict[str, list[int]]:
@@ -635,12 +653,15 @@ def validate_dataset(raw: Path, params: ValidateParams, strict: bool | None = No
     return ValidationReport(problems, summary, sorted(excluded))
 
 
+def _report_content(report: ValidationReport) -> dict:
+    return {**report.summary, "excluded": report.excluded, "problems": [asdict(p) for p in report.problems]}
+
+
 def write_validation_report(report: ValidationReport, path: Path) -> None:
     """Write the summary, the excluded paths and the problem list as JSON to path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    content = {**report.summary, "excluded": report.excluded, "problems": [asdict(p) for p in report.problems]}
-    _write_atomically(path, (json.dumps(content, indent=2) + "\n").encode())
+    _write_atomically(path, (json.dumps(_report_content(report), indent=2) + "\n").encode())
 
 
 def format_report(report: ValidationReport, show_info: bool = False) -> str:
@@ -679,3 +700,28 @@ def validate_and_report(raw: Path, out: Path, params: ValidateParams, strict: bo
         errors = len(report.by_severity("error"))
         raise UserError(f"dataset validation failed with {errors} error(s); fix them (see {out}) and run it again")
     return report
+
+
+def validate_datasets(datasets: list[Dataset], out: Path, params: ValidateParams, strict: bool = False,
+                      verbose: bool = False, input_size: int | None = None) -> dict[str, ValidationReport]:
+    """Stage `data validate` for every dataset of a profile (config.profile_datasets).
+
+    One dataset is validate_and_report's. Several are each validated the same way and printed
+    under their name, except that the external test set, which is never split, needs no
+    validate.min_per_class; `out` then holds each one's report under its name, and a UserError,
+    raised after it is written, names the datasets that fail."""
+    if len(datasets) == 1:
+        return {datasets[0].name: validate_and_report(Path(datasets[0].raw), out, params, strict, verbose, input_size)}
+    reports = {}
+    for dataset in datasets:
+        checks = params if dataset.replicate is not None else replace(params, min_per_class=1)
+        reports[dataset.name] = validate_dataset(Path(dataset.raw), checks, strict=strict or params.strict,
+                                                 input_size=input_size)
+        print(f"{dataset.name} ({dataset.raw}): " + format_report(reports[dataset.name], show_info=verbose))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    content = {name: _report_content(report) for name, report in reports.items()}
+    _write_atomically(Path(out), (json.dumps(content, indent=2) + "\n").encode())
+    failing = [name for name, report in reports.items() if report.fails()]
+    if failing:
+        raise UserError(f"dataset validation failed for {', '.join(failing)}; fix them (see {out}) and run it again")
+    return reports

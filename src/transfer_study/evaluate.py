@@ -24,10 +24,13 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, r
 from .config import EvaluateParams, UserError
 from .cells import Cell
 from .runs import find_run_dirs, read_run_info
-from .split import UNUSED
+from .split import EXTERNAL, UNUSED
 from .tracking import PIPELINE_CURRENT_TAG, set_cells_view
 
 SPLITS = ("train", "val", "test")
+# Every split a run is scored on: its own three, and the external test set (Fashion-MNIST's official
+# test images, the same for every run of a profile; absent without one).
+SCORED_SPLITS = (*SPLITS, EXTERNAL)
 # Scalar metrics, in the order tables show them; each has a batched twin in BATCH_METRICS.
 SCALAR_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auc_macro")
 EXACT_MCNEMAR_BELOW = 25  # b + c below this: exact binomial test; the chi-square approximation is poor
@@ -64,7 +67,8 @@ def classification_metrics(y_true, y_pred, proba, num_classes: int) -> dict:
     Gives back a dict: the scalars in SCALAR_METRICS (auc_macro is NaN when a class is
     absent, with the reason in `auc_note`), `per_class` lists of length K
     (precision, recall, f1, auc, support), `confusion_matrix` (rows actual, columns
-    predicted) and `n`. Precision of a never-predicted class counts as 0.
+    predicted), `n` and `predicted_classes` (how many classes are predicted at all). Precision of
+    a never-predicted class counts as 0.
     """
     y_true, y_pred, proba = np.asarray(y_true), np.asarray(y_pred), np.asarray(proba, dtype=float)
     labels = list(range(num_classes))
@@ -85,7 +89,15 @@ def classification_metrics(y_true, y_pred, proba, num_classes: int) -> dict:
             "auc": aucs, "support": [int(s) for s in support],
         },
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "predicted_classes": int(len(np.unique(y_pred))),
     }
+
+
+def predicts_one_class(metrics: dict | None) -> bool:
+    """Whether one split's classification_metrics come from predictions that are all one class: the
+    one definition of a run that "predicts a single class" (on validation: runs.csv's
+    `single_class`, which the report keeps out of verdicts). False without the split."""
+    return metrics is not None and metrics["predicted_classes"] == 1
 
 
 # --------------------------------------------------------------------------- batched metrics
@@ -246,7 +258,7 @@ def mcnemar(correct_a, correct_b) -> dict:
 def run_name(info: dict) -> str:
     """`<arch>-<condition>-<variant>` (cells.Cell.name): one name per run folder, used in every output."""
     return Cell(info["architecture"], info["condition"], int(info["seed"]), int(info["repeat"]),
-                float(info["fraction"])).name
+                float(info["fraction"]), int(info["replicate"])).name
 
 
 def read_predictions(path: Path, num_classes: int) -> pd.DataFrame:
@@ -276,9 +288,9 @@ def read_predictions(path: Path, num_classes: int) -> pd.DataFrame:
         raise UserError(f"predictions file '{path}': prob_* columns hold empty or non-numeric values")
     frame[prob_columns] = probs
     # UNUSED: training images a learning-curve run left out (split.cell_manifest); predicted, not scored.
-    unknown = sorted(set(frame["split"]) - set(SPLITS) - {UNUSED})
+    unknown = sorted(set(frame["split"]) - set(SCORED_SPLITS) - {UNUSED})
     if unknown:
-        raise UserError(f"predictions file '{path}': unknown split(s) {unknown}; expected {', '.join(SPLITS)}")
+        raise UserError(f"predictions file '{path}': unknown split(s) {unknown}; expected {', '.join(SCORED_SPLITS)}")
     if not (frame["split"] == "test").any():
         raise UserError(f"predictions file '{path}' has no test rows; check the split manifest")
     return frame
@@ -468,7 +480,7 @@ def evaluate_run(run_dir: Path, out_dirs: dict[str, Path], params: EvaluateParam
     predictions = read_predictions(run_dir / "predictions.csv", len(class_names))
     name = run_name(info)
     split_metrics = {}
-    for split in SPLITS:
+    for split in SCORED_SPLITS:
         y_true, y_pred, proba = split_arrays(predictions, split)
         if len(y_true):
             split_metrics[split] = classification_metrics(y_true, y_pred, proba, len(class_names))
@@ -497,22 +509,30 @@ def evaluate_run(run_dir: Path, out_dirs: dict[str, Path], params: EvaluateParam
     return info, split_metrics, test_cis
 
 
+# runs.csv's record of the training rule (run.json's, stopping.py) and of a one-class predictor
+TRAINING_COLUMNS = ("epochs", "max_epochs", "best_epoch", "hit_cap", "single_class")
+
+
 def runs_row(run_dir: Path, models_dir: Path, info: dict, split_metrics: dict, test_cis: dict) -> dict:
-    """One runs.csv row: identity, where the run folder is, and every split's scalar metrics."""
+    """One runs.csv row: identity (with its replicate), where the run folder is, every split's
+    scalar metrics (the external test set's NaN without one), the test CIs, then how the training
+    rule ended the run and whether it predicts a single class on validation (TRAINING_COLUMNS)."""
     train_per_class = info["train_per_class"]
     if train_per_class is None:  # a run folder from before run.json recorded it
         train_per_class = split_metrics.get("train", {}).get("n", 0) / len(info["class_names"])
     row = {"run": run_name(info), "architecture": info["architecture"], "condition": info["condition"],
            "seed": info["seed"], "repeat": info["repeat"], "fraction": info["fraction"],
+           "replicate": info["replicate"],
            "train_per_class": train_per_class, "run_id": info["run_id"], "model_uri": info["model_uri"],
            "run_dir": run_dir.relative_to(models_dir).as_posix()}
-    for split in SPLITS:
+    for split in SCORED_SPLITS:
         row[f"n_{split}"] = split_metrics[split]["n"] if split in split_metrics else 0
         for metric in SCALAR_METRICS:
             row[f"{split}_{metric}"] = split_metrics.get(split, {}).get(metric, float("nan"))
     for metric, (low, high) in test_cis.items():
         row[f"test_{metric}_ci_low"], row[f"test_{metric}_ci_high"] = low, high
-    return row
+    return row | {column: info[column] for column in TRAINING_COLUMNS[:-1]} | {
+        "single_class": predicts_one_class(split_metrics.get("val"))}
 
 
 def evaluate_runs(models_dir: Path, out_dir: Path, params: EvaluateParams, tracking_uri: str) -> pd.DataFrame:

@@ -7,15 +7,14 @@ validate stage depends on its note, and every other stage of both pipelines on v
 outputs), tracks every params file whole, and fails the run, with the param and the fix, when
 - a file fails config.py's checks (types, values, unknown keys with a did-you-mean);
 - a file lacks a param that its pipeline's stages list (DVC would stop after deleting outputs);
-- two profiles that share the crops (the same paths.cropped) disagree on how they are made
-  (training on them would stop, after DVC deleted its models);
 - preprocess.targets names a class ImageNet does not have.
+Each pipeline makes its own crops (its preprocess stage writes paths.cropped); two pointed at one
+folder are refused by DVC itself, which finds two stages with one output before running any.
 The pipelines and their params files are PIPELINES; the parsing of dvc.yaml is pure.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import yaml
@@ -58,15 +57,6 @@ def _normal(path: Path) -> str:
     return Path(*parts).as_posix()
 
 
-def shared_crops_differences(a: Params, b: Params) -> list[str]:
-    """How two profiles that read the same crops (paths.cropped) disagree on how they are made; [] if
-    they do not share crops or agree."""
-    if a.paths.cropped != b.paths.cropped:
-        return []
-    return [f"{f.name}: {getattr(a.preprocess, f.name)!r} vs {getattr(b.preprocess, f.name)!r}"
-            for f in dataclasses.fields(a.preprocess) if getattr(a.preprocess, f.name) != getattr(b.preprocess, f.name)]
-
-
 def check_pipelines(root: Path) -> list[str]:
     """Check each pipeline of PIPELINES that exists under root; gives back one line per params
     file checked. Raises ConfigError naming the file, the param and the fix."""
@@ -95,20 +85,7 @@ def check_pipelines(root: Path) -> list[str]:
             target_classes(params.preprocess.targets)
         except ConfigError as exc:
             raise ConfigError(f"{file}: {exc}") from None
-    _check_shared_crops(checked)
     return [f"{file}: checked" for file in checked]
-
-
-def _check_shared_crops(checked: dict[str, Params]) -> None:
-    files = list(checked)
-    for i, first in enumerate(files):
-        for second in files[i + 1:]:
-            differences = shared_crops_differences(checked[first], checked[second])
-            if differences:
-                raise ConfigError(
-                    f"{first} and {second} share the crops in '{checked[first].paths.cropped}' but not their "
-                    f"preprocess settings ({'; '.join(differences)}); set the same preprocess section in both "
-                    f"(the crops are made with {first}'s)")
 
 
 def write_note(root: Path) -> Path:

@@ -11,7 +11,6 @@ the disk rule and the profile choice are pure functions; timing, files and the n
 from __future__ import annotations
 
 import dataclasses
-import math
 import shutil
 import time
 import urllib.error
@@ -47,22 +46,25 @@ AFTER_TRAINING_STAGES = 3  # evaluate, report, register: one process each, after
 
 @dataclass(frozen=True)
 class SplitSizes:
-    """Images per split, and where the counts come from (the manifest, data/raw or the params)."""
+    """Images per split of one replicate, the external test set's images (predicted by every run),
+    and where the counts come from (the manifest, data/raw or the params)."""
 
     train: int
     val: int
     test: int
     source: str
+    external: int = 0
 
     @property
     def total(self) -> int:
-        return self.train + self.val + self.test
+        """The images a run predicts at the end: its replicate's and the external test set's."""
+        return self.train + self.val + self.test + self.external
 
 
-def expected_split_sizes(n_images: int, split: SplitParams, source: str) -> SplitSizes:
+def expected_split_sizes(n_images: int, split: SplitParams, source: str, external: int = 0) -> SplitSizes:
     """About how many of `n_images` each split gets (split.py rounds per class; this, overall)."""
     val, test = round(n_images * split.val), round(n_images * split.test)
-    return SplitSizes(n_images - val - test, val, test, source)
+    return SplitSizes(n_images - val - test, val, test, source, external)
 
 
 @dataclass(frozen=True)
@@ -84,27 +86,32 @@ class CellEstimate:
 
 
 def estimate_cell(cell: Cell, t: TrainParams, sizes: SplitSizes, timing: ModelTiming) -> CellEstimate:
-    """How long `cell` trains: train.epochs × (its steps per epoch over its share of the training
+    """How long `cell` trains: its epochs × (its steps per epoch over its share of the training
     images (cell.fraction) × a step's seconds + the validation images × a forward pass), plus a
-    forward pass over every image at the end.
+    forward pass over every image at the end (the external test set's included). Its epochs are
+    train.epochs, or under early stopping the cap (stopping.stop_rule): an upper bound.
 
     A frozen cell's step is its backbone's forward pass under no_grad (the head's share is
-    negligible); without augmentation that pass runs once, on cached features, as train.py does.
+    negligible). Its backbone's features of every image are computed once (train.frozen_features),
+    for validation and the final prediction; without augmentation, or with flips alone, the head
+    trains on them too (with flips, the training images' mirror images are a second pass).
     Building the image store and logging the model add seconds per cell and are left out.
     """
-    from .transforms import augments  # imports torch: kept out of `make ui`'s start
+    from .stopping import epoch_steps, stop_rule
+    from .trainer import caches_features  # imports torch: kept out of `make ui`'s start
 
     train_images = round(sizes.train * cell.fraction)
-    steps = math.ceil(train_images / t.batch_size)
-    if t.max_batches_per_epoch is not None:
-        steps = min(steps, t.max_batches_per_epoch)
+    steps = epoch_steps(train_images, t)
+    epochs = stop_rule(t, steps).max_epochs
     frozen = cell.condition == "frozen"
-    cached = frozen and not augments(t.augment) and t.max_batches_per_epoch is None
+    cached = caches_features(cell.condition, t)
     step_s = timing.predict_s_per_image * t.batch_size if frozen else timing.train_step_s
-    epoch_s = (0.0 if cached else steps * step_s) + sizes.val * timing.predict_s_per_image
-    once_s = ((train_images if cached else 0) + sizes.total) * timing.predict_s_per_image
+    val_s = sizes.val * timing.predict_s_per_image
+    epoch_s = (0.0 if cached else steps * step_s) + (0.0 if frozen else val_s)
+    mirror_images = train_images if cached and t.augment.hflip else 0
+    once_s = (mirror_images + sizes.total) * timing.predict_s_per_image
     return CellEstimate(cell, t.image_size[cell.architecture], t.batch_size / step_s, epoch_s,
-                        t.epochs * epoch_s + once_s)
+                        epochs * epoch_s + once_s)
 
 
 @dataclass(frozen=True)
@@ -405,10 +412,14 @@ def usable_raw_images(root: Path, raw: str, validation: str) -> dict[str, int]:
     suffix, less those the last validation (root/validation, when there is one) excluded."""
     import json
 
+    from .config import replicate_name
+
     from .data import list_images
 
     try:
-        excluded = set(json.loads((root / validation).read_text()).get("excluded", []))
+        report = json.loads((root / validation).read_text())
+        report = report.get(replicate_name(0), report)  # a profile with several datasets: raw's report
+        excluded = set(report.get("excluded", []))
     except (OSError, ValueError, AttributeError):
         excluded = set()
     return {label: sum(p.relative_to(root).as_posix() not in excluded and str(p) not in excluded for p in paths)
@@ -417,7 +428,7 @@ def usable_raw_images(root: Path, raw: str, validation: str) -> dict[str, int]:
 
 def read_data_state(params: Params, root: Path) -> DataState:
     """Count raw images (as validate does) and read the manifest's split column (no image is opened)."""
-    from .split import read_manifest
+    from .split import external_rows, read_manifest, rows_for
 
     per_class = usable_raw_images(root, params.paths.raw, params.paths.validation)
     class_dirs = [label for label, count in per_class.items() if count]
@@ -427,9 +438,9 @@ def read_data_state(params: Params, root: Path) -> DataState:
     sizes, classes = None, 0
     if manifest_path.is_file():
         manifest = read_manifest(manifest_path)
-        counts = manifest["split"].value_counts()
+        counts = rows_for(manifest, 0, 1.0)["split"].value_counts()  # a replicate's; each is as large
         sizes = SplitSizes(int(counts.get("train", 0)), int(counts.get("val", 0)), int(counts.get("test", 0)),
-                           params.paths.manifest)
+                           params.paths.manifest, len(external_rows(manifest)))
         classes = manifest["label"].nunique()
     return DataState(raw_images, len(class_dirs), cropped, cropped.is_dir() and any(cropped.iterdir()), sizes,
                      classes)
@@ -440,10 +451,13 @@ def planned_sizes(state: DataState, params: Params) -> tuple[SplitSizes, int]:
     the default dataset's params (data.per_class × data.classes)."""
     if state.manifest_sizes is not None:
         return state.manifest_sizes, state.manifest_classes
+    external = params.data.external_per_class * len(params.data.classes)
     if state.raw_images:
-        return expected_split_sizes(state.raw_images, params.split, params.paths.raw), state.raw_classes
+        return (expected_split_sizes(state.raw_images, params.split, params.paths.raw, external),
+                state.raw_classes)
     n = params.data.per_class * len(params.data.classes)
-    return expected_split_sizes(n, params.split, "data.per_class × data.classes"), len(params.data.classes)
+    return (expected_split_sizes(n, params.split, "data.per_class × data.classes", external),
+            len(params.data.classes))
 
 
 def data_lines(state: DataState, params: Params, skip_data: bool) -> list[str]:
@@ -455,6 +469,11 @@ def data_lines(state: DataState, params: Params, skip_data: bool) -> list[str]:
                         f"build it; run `dvc repro preprocess` first, or drop --skip-data")
     lines = [f"{p.raw}: {state.raw_images} images in {state.raw_classes} class folders" if state.raw_images
              else f"{p.raw}: empty; the data fetch stage writes the default dataset (Fashion-MNIST) first"]
+    d = params.data
+    if d.replicates > 1 or d.external_per_class:
+        lines.append(f"{p.replicates}, {p.external}: {d.replicates - 1} replicate(s) beside {p.raw} and "
+                     f"{d.external_per_class * len(d.classes)} external test images, drawn from {p.pool} by the "
+                     f"replicates stage (`transfer-study data replicates`) when missing")
     lines.append(f"{p.cropped}: present" if state.cropped_present
                  else f"{p.cropped}: not built yet; the preprocess stage builds it")
     if state.manifest_sizes is None:
@@ -481,6 +500,7 @@ class Plan:
     data: list[str]
     weights: list[WeightsStatus]
     disk: tuple[int, int, Path] | None  # needed, free, folder; None when not checked
+    early_stopping: bool = False  # the estimates are each run's cap
 
 
 def device_name(device) -> str:
@@ -548,7 +568,7 @@ def preflight(params: Params, params_path: str, root: Path, skip_data: bool = Fa
     started = time.perf_counter()
     device, estimates = host.estimate(params, cells, sizes, max(num_classes, 2), thorough=checks)
     return Plan(params_path, device, estimates, sizes, time.perf_counter() - started,
-                pipeline_overhead(cells, import_s), data, weights, disk)
+                pipeline_overhead(cells, import_s), data, weights, disk, t.early_stopping is not None)
 
 
 def format_plan(plan: Plan) -> str:
@@ -562,9 +582,14 @@ def format_plan(plan: Plan) -> str:
                      f"{format_duration(e.epoch_s):>9}  {format_duration(e.total_s)}")
     total = sum(e.total_s for e in plan.estimates)
     s = plan.sizes
-    lines.append(f"  total: about {format_duration(total)} of training and prediction "
-                 f"({s.train} train, {s.val} val, {s.test} test images, from {s.source}; "
+    external = f", {s.external} external test" if s.external else ""
+    bound = "at most " if plan.early_stopping else "about "
+    lines.append(f"  total: {bound}{format_duration(total)} of training and prediction "
+                 f"({s.train} train, {s.val} val, {s.test} test images{external} per run, from {s.source}; "
                  f"timed from real steps of each model here in {plan.timing_s:.0f} s)")
+    if plan.early_stopping:
+        lines.append("  (early stopping: each run is timed at its cap, train.early_stopping.max_steps; "
+                     "most stop sooner)")
     if plan.overhead:
         o = plan.overhead
         lines.append(f"  the whole run: about {format_duration(total + o.total_s)}, with {o.processes} stage processes "

@@ -705,6 +705,20 @@ def preprocess_dataset(raw: Path, out: Path, params: PreprocessParams, preview: 
     return summary
 
 
+def preprocess_datasets(datasets: list[tuple[str, Path, Path]], cropped: Path, params: PreprocessParams) -> dict:
+    """Stage `preprocess` for every dataset of a profile: (name, raw folder, crops folder) each, as
+    config.profile_datasets lists them. One dataset cropped into `cropped` itself is preprocess_dataset's
+    (summary returned). Several are each cropped the same way, with a preview `crop_preview-<name>.png`
+    in `cropped`, and `cropped`'s record says how all were made; returns {name: summary}."""
+    cropped = Path(cropped)
+    if len(datasets) == 1 and Path(datasets[0][2]) == cropped:
+        return preprocess_dataset(Path(datasets[0][1]), cropped, params)
+    summaries = {name: preprocess_dataset(Path(raw), Path(out), params, preview=cropped / f"crop_preview-{name}.png")
+                 for name, raw, out in datasets}
+    write_crop_record(cropped, params, {"datasets": summaries})
+    return summaries
+
+
 def write_crop_record(out: Path, params: PreprocessParams, summary: dict) -> None:
     """`<out>/preprocess.json`: the settings the crops were made with (the one source of truth that
     training, the logged params and the served model take their preprocessing from) and the summary."""

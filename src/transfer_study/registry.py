@@ -66,13 +66,15 @@ def rank_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """The runs that may be served, best first: validation macro-F1, then validation accuracy, then
     run name. Test metrics play no part.
 
-    Runs trained on another split repeat or on part of the training split (runs.csv columns
-    `repeat`, `fraction`, when present) see other validation images and are left out. Raises
+    Runs trained on another replicate dataset, another split repeat or on part of the training
+    split (runs.csv columns `replicate`, `repeat`, `fraction`, when present) see other validation
+    images and are left out. Raises
     UserError when no run has validation metrics.
     """
     pool = runs
-    if "repeat" in pool.columns:
-        pool = pool[pool["repeat"] == 0]
+    for column in ("replicate", "repeat"):  # other replicates and repeats: other validation images
+        if column in pool.columns:
+            pool = pool[pool[column] == 0]
     if "fraction" in pool.columns and not pool.empty:
         pool = pool[pool["fraction"] == pool["fraction"].max()]
     scored = pool.dropna(subset=["val_f1_macro"])

@@ -444,8 +444,10 @@ def write_report(evaluation_dir: Path, models_dir: Path, reports_dir: Path, stud
     report says "your data" and compares nothing with the study.
     """
     all_runs = read_runs_table(evaluation_dir)
-    # Table 1, its pairs and McNemar compare runs on one test set: the study's split at full size.
-    runs = all_runs[(all_runs["repeat"] == 0) & (all_runs["fraction"] == 1.0)]
+    # Table 1, its pairs and McNemar compare runs on one test set: the study's split at full size,
+    # of replicate 0 (data/raw; a runs table from before replicates holds replicate 0 alone).
+    first = all_runs["replicate"] == 0 if "replicate" in all_runs.columns else True
+    runs = all_runs[(all_runs["repeat"] == 0) & (all_runs["fraction"] == 1.0) & first]
     test_sets = read_test_sets(runs, models_dir)
     class_names = sorted({c for t in test_sets.values() for c in t.class_names})
     # data.dvc left at the default version after data/raw was replaced must not bring the study in.

@@ -1,16 +1,20 @@
 """The run folder: what the train stage leaves for each cell, and the one place that knows its format.
 
-`<outputs>/models/<arch>-<condition>/<variant>/`, the variant `s<seed>` with `-r<repeat>` and
-`-f<fraction>` when those are not the study's 0 and 1 (cells.Cell):
+`<outputs>/models/<arch>-<condition>/<variant>/`, the variant `s<seed>` with `-rep<replicate>`,
+`-r<repeat>` and `-f<fraction>` when those are not the study's 0, 0 and 1 (cells.Cell):
 - `best.pt`, `last.pt`: `{"model": state_dict, "epoch", "val_acc", "class_names"}`, each with a
   `.sha256` beside it (checkpoints.py);
 - `run.json`: `{"run_id", "experiment_id", "run_name", "architecture", "condition", "seed",
-  "repeat", "fraction", "train_per_class", "class_names", "image_size", "checkpoint"
-  ("best"|"last"), "model_uri", "fingerprint"}`;
+  "repeat", "fraction", "replicate", "train_per_class", "class_names", "image_size", "checkpoint"
+  ("best"|"last"), "model_uri", "fingerprint", "epochs", "max_epochs", "best_epoch", "hit_cap"}`;
+  the last four are the training rule's outcome (stopping.py): epochs trained, the cap in epochs,
+  the best epoch (the one `best.pt` holds) and whether the run stopped at the cap while still improving;
 - `history.csv`: one row per epoch (epoch, train_loss, train_acc, val_loss, val_acc, seconds);
-- `metrics.json`: best/last validation accuracy, epochs and training seconds (DVC metrics);
-- `predictions.csv`: the chosen checkpoint's predictions on every manifest row: `path, split,
-  label, pred, prob_0 … prob_{K-1}` (label/pred index into `class_names`).
+- `metrics.json`: best/last validation accuracy, the training rule's outcome (as in run.json) and
+  training seconds (DVC metrics);
+- `predictions.csv`: the chosen checkpoint's predictions on every row of the run's manifest (its
+  replicate's rows, then any external test set's, split `external`): `path, split, label, pred,
+  prob_0 … prob_{K-1}` (label/pred index into `class_names`).
 
 A cell listed in train.exclude gets `<outputs>/models/<arch>-<condition>/EXCLUDED` instead (no
 run folder): dvc.yaml's train matrix makes a stage for every arch × condition and each must
@@ -27,8 +31,8 @@ from .config import UserError
 RUN_JSON = "run.json"
 EXCLUDED = "EXCLUDED"
 RUN_JSON_KEYS = ("run_id", "experiment_id", "run_name", "architecture", "condition", "seed", "repeat",
-                 "fraction", "train_per_class", "class_names", "image_size", "checkpoint", "model_uri",
-                 "fingerprint")
+                 "fraction", "replicate", "train_per_class", "class_names", "image_size", "checkpoint", "model_uri",
+                 "fingerprint", "epochs", "max_epochs", "best_epoch", "hit_cap")
 # What readers need; the other keys are written for people and MLflow.
 REQUIRED_KEYS = ("run_id", "architecture", "condition", "seed", "class_names", "model_uri")
 
@@ -77,4 +81,6 @@ def read_run_info(run_dir: Path) -> dict:
     missing = [key for key in REQUIRED_KEYS if key not in info]
     if missing:
         raise UserError(f"'{path}' lacks {', '.join(missing)}; rerun `dvc repro train` for this run")
-    return {"repeat": 0, "fraction": 1.0, "train_per_class": None} | info  # run folders from before repeats
+    # run folders from before repeats, replicates and the training rule's record
+    return {"repeat": 0, "fraction": 1.0, "replicate": 0, "train_per_class": None, "epochs": None,
+            "max_epochs": None, "best_epoch": None, "hit_cap": None} | info

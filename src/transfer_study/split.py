@@ -9,6 +9,11 @@ The manifest's `split` column is repeat 0, the one split the study profile train
 class's train images, so a fraction f keeps the first round(f · n) of them. Subsets are therefore
 nested and stratified, and val/test stay the same across fractions of a repeat. `rows_for` picks
 one training cell's rows.
+
+A profile with several datasets (config.profile_datasets: replicates, an external test set) gets a
+`replicate` column: each replicate is split on its own, with its own seeded streams (replicate 0's
+are the ones above), and the external test set's rows have split EXTERNAL in every split column
+and no replicate. Every cell of a replicate also predicts the external rows (`cell_manifest`).
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from transfer_study.config import SplitParams, UserError
 SPLITS = ("train", "val", "test")
 EXCLUDED = "excluded"  # split value of rows left out because their content has two labels
 UNUSED = "unused"  # split value, in a cell's manifest, of training rows beyond its training fraction
+EXTERNAL = "external"  # split value of the external test set's rows: predicted and scored, never trained on
 MANIFEST_COLUMNS = ["path", "label", "split", "sha256"]
+REPLICATE_COLUMN = "replicate"  # a profile with several datasets: the row's replicate (<NA>: external)
 MIN_PER_CLASS = len(SPLITS)
 SPLIT_COLUMN = "split_r{repeat}"  # repeat 0 is the plain `split` column
 RANK_COLUMN = "train_rank_r{repeat}"
@@ -64,18 +71,21 @@ def _split_class(hashes: list[str], params: SplitParams, rng: np.random.RandomSt
     return {**dict.fromkeys(train, "train"), **dict.fromkeys(val, "val"), **dict.fromkeys(test, "test")}
 
 
-def _split_rng(seed: int, repeat: int) -> np.random.RandomState:
-    """Repeat 0 draws from RandomState(seed), as the single split always has; repeat k from (seed, k)."""
+def _split_rng(seed: int, repeat: int, replicate: int = 0) -> np.random.RandomState:
+    """Repeat 0 draws from RandomState(seed), as the single split always has; repeat k from (seed, k);
+    replicate r >= 1 from its own stream (seed, k, 2, r)."""
+    if replicate:
+        return np.random.RandomState([seed, repeat, 2, replicate])
     return np.random.RandomState(seed if repeat == 0 else [seed, repeat])
 
 
-def stratified_split(items: pd.DataFrame, params: SplitParams, repeat: int = 0) -> pd.DataFrame:
+def stratified_split(items: pd.DataFrame, params: SplitParams, repeat: int = 0, replicate: int = 0) -> pd.DataFrame:
     """Split rows with columns path, label, sha256 into train/val/test, stratified by label.
 
     Returns a copy of items (same order) with a `split` column. Identical contents (same sha256)
     always share a split; rows whose sha256 appears under two labels get split "excluded".
-    Seeded by params.seed and `repeat` (repeat 0 is the split params.seed has always given) and
-    independent of the input row order. Raises UserError if a class has fewer than 3 distinct images.
+    Seeded by params.seed, `repeat` (repeat 0 is the split params.seed has always given) and
+    `replicate`, and independent of the input row order. Raises UserError if a class has fewer than 3 distinct images.
     """
     missing = {"path", "label", "sha256"} - set(items.columns)
     if missing:
@@ -90,7 +100,7 @@ def stratified_split(items: pd.DataFrame, params: SplitParams, repeat: int = 0) 
                 f"for train/val/test; add images to it or remove its folder"
             )
     # One RandomState drawn from in sorted label order keeps the whole split a function of the seed.
-    rng = _split_rng(params.seed, repeat)
+    rng = _split_rng(params.seed, repeat, replicate)
     split_of: dict[str, str] = dict.fromkeys(ambiguous, EXCLUDED)
     for hashes in hashes_by_label.values():
         split_of.update(_split_class(hashes, params, rng))
@@ -99,14 +109,15 @@ def stratified_split(items: pd.DataFrame, params: SplitParams, repeat: int = 0) 
     return result
 
 
-def train_ranks(split: pd.DataFrame, seed: int, repeat: int) -> pd.Series:
+def train_ranks(split: pd.DataFrame, seed: int, repeat: int, replicate: int = 0) -> pd.Series:
     """Each train row's place (0, 1, ...) in a random order of its class's distinct train contents.
 
     `split` has columns label, sha256, split. Copies of one content share a rank; rows outside
-    train get <NA>. The order comes from its own stream, (seed, repeat, 1), so adding ranks
-    leaves the splits untouched, and it does not depend on the row order.
+    train get <NA>. The order comes from its own stream, (seed, repeat, 1) (replicate r >= 1:
+    (seed, repeat, 3, r)), so adding ranks leaves the splits untouched, and it does not depend on
+    the row order.
     """
-    rng = np.random.RandomState([seed, repeat, 1])
+    rng = np.random.RandomState([seed, repeat, 3, replicate] if replicate else [seed, repeat, 1])
     train = split[split["split"] == "train"]
     rank_of: dict[str, int] = {}
     for _, group in train.groupby("label", sort=True):
@@ -123,14 +134,32 @@ def subset_size(n_train: int, fraction: float) -> int:
 
 def manifest_frame(items: pd.DataFrame, params: SplitParams) -> pd.DataFrame:
     """stratified_split for every repeat, as manifest columns: `split` (repeat 0), `split_r<k>`
-    (k >= 1) and, when a train fraction is below 1, `train_rank_r<k>` for every repeat."""
-    result = stratified_split(items, params)
+    (k >= 1) and, when a train fraction is below 1, `train_rank_r<k>` for every repeat.
+
+    With a `replicate` column, each replicate is split on its own and rows without a replicate
+    (the external test set) get EXTERNAL in every split column; same row order as items."""
+    if REPLICATE_COLUMN not in items.columns:
+        return _replicate_frame(items, params, 0)
+    parts = [_replicate_frame(group, params, int(replicate))
+             for replicate, group in items[items[REPLICATE_COLUMN].notna()].groupby(REPLICATE_COLUMN)]
+    external = items[items[REPLICATE_COLUMN].isna()].assign(split=EXTERNAL)
     for repeat in range(1, params.repeats):
-        result[SPLIT_COLUMN.format(repeat=repeat)] = stratified_split(items, params, repeat)["split"]
+        external[SPLIT_COLUMN.format(repeat=repeat)] = EXTERNAL
+    result = pd.concat([*parts, external]).loc[items.index]
+    for column in (c for c in result.columns if c.startswith("train_rank_r")):
+        result[column] = result[column].astype("Int64")
+    return result
+
+
+def _replicate_frame(items: pd.DataFrame, params: SplitParams, replicate: int) -> pd.DataFrame:
+    """manifest_frame's columns for the rows of one replicate."""
+    result = stratified_split(items, params, replicate=replicate)
+    for repeat in range(1, params.repeats):
+        result[SPLIT_COLUMN.format(repeat=repeat)] = stratified_split(items, params, repeat, replicate)["split"]
     if min(params.train_fractions) < 1:
         for repeat in range(params.repeats):
             splits = result.assign(split=result[_split_column(repeat)])
-            result[RANK_COLUMN.format(repeat=repeat)] = train_ranks(splits, params.seed, repeat)
+            result[RANK_COLUMN.format(repeat=repeat)] = train_ranks(splits, params.seed, repeat, replicate)
     return result
 
 
@@ -146,14 +175,38 @@ def repeats_in(manifest: pd.DataFrame) -> int:
     return repeat
 
 
-def rows_for(manifest: pd.DataFrame, repeat: int, fraction: float) -> pd.DataFrame:
-    """The rows one training cell uses: repeat `repeat`'s split, its train split cut to `fraction`.
+def replicate_rows(manifest: pd.DataFrame, replicate: int) -> pd.DataFrame:
+    """The manifest rows of one replicate (all rows of a manifest without replicates, which is
+    replicate 0); UserError when the manifest lacks it."""
+    if REPLICATE_COLUMN not in manifest.columns:
+        if replicate == 0:
+            return manifest
+        raise UserError(f"the split manifest has no replicates, so there is no replicate {replicate}; set "
+                        f"data.replicates to at least {replicate + 1} and rerun the data stages and `dvc repro split`")
+    rows = manifest[manifest[REPLICATE_COLUMN] == replicate]
+    if rows.empty:
+        have = sorted(int(r) for r in manifest[REPLICATE_COLUMN].dropna().unique())
+        raise UserError(f"the split manifest holds replicates {have}, not {replicate}; set data.replicates to at "
+                        f"least {replicate + 1} and rerun the data stages and `dvc repro split`")
+    return rows
+
+
+def external_rows(manifest: pd.DataFrame) -> pd.DataFrame:
+    """The external test set's rows of a manifest (none without one)."""
+    return manifest[manifest["split"] == EXTERNAL]
+
+
+def rows_for(manifest: pd.DataFrame, repeat: int, fraction: float, replicate: int = 0) -> pd.DataFrame:
+    """The rows one training cell uses: replicate `replicate`'s repeat `repeat` split, its train
+    split cut to `fraction`.
 
     Returns columns path, label, sha256, split (that repeat's train/val/test), in manifest order,
     with the train rows beyond the fraction left out; val and test are the repeat's whole val
     and test splits, the same at every fraction. Repeat 0 at fraction 1.0 is the manifest's own
-    `split` column. Raises UserError if the manifest lacks the repeat or the ranks the fraction needs.
+    `split` column. The external rows are not among them. Raises UserError if the manifest lacks
+    the replicate, the repeat or the ranks the fraction needs.
     """
+    manifest = replicate_rows(manifest, replicate)
     if not 0 < fraction <= 1:
         raise UserError(f"train fraction {fraction!r} is not in (0, 1]; check split.train_fractions")
     column = _split_column(repeat)
@@ -178,14 +231,16 @@ def rows_for(manifest: pd.DataFrame, repeat: int, fraction: float) -> pd.DataFra
     return rows[~train | keep.fillna(False).astype(bool)].reset_index(drop=True)
 
 
-def cell_manifest(manifest: pd.DataFrame, repeat: int, fraction: float) -> pd.DataFrame:
-    """Every manifest row (path, label, sha256) with the `split` one training cell uses (rows_for);
-    training rows left out by the fraction are marked UNUSED, so stores and predictions keep
-    every row while training and evaluation see only their own."""
-    chosen = rows_for(manifest, repeat, fraction).set_index("path")["split"]
-    cell = manifest[MANIFEST_COLUMNS].copy()
-    cell["split"] = manifest["path"].map(chosen).fillna(UNUSED)
-    return cell
+def cell_manifest(manifest: pd.DataFrame, repeat: int, fraction: float, replicate: int = 0) -> pd.DataFrame:
+    """The rows (path, label, sha256, split) one training cell predicts: every row of its replicate,
+    with the `split` the cell uses (rows_for), then the external test set's rows. Training rows
+    left out by the fraction are marked UNUSED, so stores and predictions keep every row while
+    training and evaluation see only their own."""
+    chosen = rows_for(manifest, repeat, fraction, replicate).set_index("path")["split"]
+    own = replicate_rows(manifest, replicate)
+    cell = own[MANIFEST_COLUMNS].copy()
+    cell["split"] = own["path"].map(chosen).fillna(UNUSED)
+    return pd.concat([cell, external_rows(manifest)[MANIFEST_COLUMNS]]).reset_index(drop=True)
 
 
 def train_images_per_class(rows: pd.DataFrame) -> float:
@@ -222,24 +277,41 @@ def count_table(manifest: pd.DataFrame) -> pd.DataFrame:
     return table.reindex(columns=[*SPLITS, "total"], fill_value=0)
 
 
-def write_manifest(cropped: Path, manifest: Path, params: SplitParams) -> pd.DataFrame:
-    """Hash and split the crops in cropped/<class>/*.png and write the manifest CSV.
+def scan_datasets(crops: list[tuple[int | None, Path]]) -> pd.DataFrame:
+    """scan_crops of each (replicate, crops folder), with a `replicate` column (<NA>: the external
+    test set, given as replicate None)."""
+    frames = [scan_crops(folder).assign(**{REPLICATE_COLUMN: replicate}) for replicate, folder in crops]
+    items = pd.concat(frames, ignore_index=True)
+    items[REPLICATE_COLUMN] = items[REPLICATE_COLUMN].astype("Int64")
+    return items
 
-    The CSV has columns path, label, split, sha256 (split: repeat 0), then any split_r<k> and
-    train_rank_r<k> columns (see manifest_frame), sorted by label then path; excluded rows (content
-    under two labels) are left out of it and listed on stdout, with a per-class/per-split count
-    table of repeat 0. Returns the rows written.
+
+def write_manifest(crops: Path | list[tuple[int | None, Path]], manifest: Path, params: SplitParams) -> pd.DataFrame:
+    """Hash and split the crops and write the manifest CSV.
+
+    `crops` is one folder of cropped/<class>/*.png (replicate 0 alone), or the (replicate, folder)
+    of each dataset of a profile (config.profile_datasets; None: the external test set); more
+    than one adds the `replicate` column. The CSV has columns path, label, split, sha256 (split: repeat 0),
+    then any replicate, split_r<k> and train_rank_r<k> columns (see manifest_frame), sorted by label
+    then path; excluded rows (content under two labels) are left out of it and listed on stdout,
+    with a per-class/per-split count table of replicate 0's repeat 0. Returns the rows written.
     """
-    split = manifest_frame(scan_crops(cropped), params)
+    crops = [(0, Path(crops))] if isinstance(crops, (str, Path)) else crops
+    several = len(crops) > 1
+    split = manifest_frame(scan_datasets(crops) if several else scan_crops(crops[0][1]), params)
     excluded = split[split["split"] == EXCLUDED]
     written = split[split["split"] != EXCLUDED].sort_values(["label", "path"]).reset_index(drop=True)
     manifest = Path(manifest)
     manifest.parent.mkdir(parents=True, exist_ok=True)
     tmp = manifest.with_name(f".{manifest.name}.tmp")
-    extra = [c for c in written.columns if c.startswith(("split_r", "train_rank_r"))]
+    extra = [c for c in written.columns if c == REPLICATE_COLUMN or c.startswith(("split_r", "train_rank_r"))]
     written[MANIFEST_COLUMNS + extra].to_csv(tmp, index=False, lineterminator="\n")
     os.replace(tmp, manifest)
-    print(count_table(written).to_string())
+    print(count_table(rows_for(written, 0, 1.0)).to_string())
+    if several:
+        replicates = written[REPLICATE_COLUMN].dropna().nunique()
+        print(f"{replicates} replicate(s), each split on its own; external test set: "
+              f"{len(external_rows(written))} images (split '{EXTERNAL}')")
     if params.repeats > 1 or params.train_fractions != (1.0,):
         sizes = ", ".join(f"{f:g}: {train_images_per_class(rows_for(written, 0, f)):g}"
                           for f in sorted(params.train_fractions))

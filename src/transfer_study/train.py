@@ -9,11 +9,10 @@ trains; only rank 0 writes files and talks to MLflow.
 from __future__ import annotations
 
 import json
-import math
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,8 +31,8 @@ from .imagestore import DeviceImages, TrainingData
 from .preprocess import check_crops_match
 from .runs import run_dir_for, write_run_info
 from .split import cell_manifest, read_manifest, train_images_per_class
-from .trainer import PREDICT_BATCH, Trainer, evaluate_loss
-from .transforms import augments
+from .stopping import Progress, StopRule, epoch_steps, progress, stop_rule
+from .trainer import PREDICT_BATCH, Trainer, caches_features, evaluate_loss
 
 
 def pick_device() -> torch.device:
@@ -108,9 +107,12 @@ def train_cell(params: Params, cell: Cell, root: Path, tracking_uri: str, world:
     if world.rank > 0:
         # Other ranks draw their own augmentation and dropout; rank 0 keeps the single-process stream.
         torch.manual_seed(cell.seed * 1_000_003 + world.rank * 10_007 + start_epoch)
+    rule = stop_rule(t, epoch_steps(len(data.rows("train")), t))
+    features = frozen_features(trainer, images)
+    predict_rows = row_predictor(trainer, images, features)
 
     if not world.is_main:
-        _train_epochs(trainer, images, data.rows("train"), params, cell, start_epoch, recorder=None)
+        _train_epochs(trainer, images, data.rows("train"), params, cell, rule, state, None, features)
         world.barrier()  # wait for rank 0 to finish the cell
         return run_dir
 
@@ -120,12 +122,12 @@ def train_cell(params: Params, cell: Cell, root: Path, tracking_uri: str, world:
                                          "train_per_class": train_images_per_class(manifest)})
     try:
         val_rows = data.rows("val")
-        recorder = EpochRecorder(trainer, work, tracker, lambda: images.in_order(val_rows, PREDICT_BATCH),
-                                 data.class_names, cell, params, state)
+        recorder = EpochRecorder(trainer, work, tracker, lambda: predict_rows(val_rows),
+                                 data.class_names, cell, params, state, rule)
         log(f"[{cell.name}] ready to train on {device} after {time.perf_counter() - started:.1f}s")
-        _train_epochs(trainer, images, data.rows("train"), params, cell, start_epoch, recorder)
+        _train_epochs(trainer, images, data.rows("train"), params, cell, rule, state, recorder, features)
         finishing = time.perf_counter()
-        summary = _finish_cell(trainer, data, images, params, cell, run_dir, work, tracker, recorder,
+        summary = _finish_cell(trainer, data, predict_rows, params, cell, run_dir, work, tracker, recorder,
                                {"experiment_id": experiment_id, "fingerprint": fingerprint, "image_size": size})
         log(f"[{cell.name}] run folder written and model logged in {time.perf_counter() - finishing:.1f}s")
     except KeyboardInterrupt:
@@ -142,9 +144,10 @@ def train_cell(params: Params, cell: Cell, root: Path, tracking_uri: str, world:
 
 
 def cell_data(params: Params, cell: Cell, root: Path) -> tuple[pd.DataFrame, str]:
-    """The cell's manifest (every row, with the split this cell uses) and its result fingerprint,
-    which names its resume state and tells a finished run of the same params (fanout.py)."""
-    manifest = cell_manifest(read_manifest(root / params.paths.manifest), cell.repeat, cell.fraction)
+    """The cell's manifest (its replicate's rows, with the split this cell uses, and the external
+    rows) and its result fingerprint, which names its resume state and tells a finished run of the
+    same params (fanout.py)."""
+    manifest = cell_manifest(read_manifest(root / params.paths.manifest), cell.repeat, cell.fraction, cell.replicate)
     return manifest, result_fingerprint(params, cell, manifest)
 
 
@@ -158,8 +161,10 @@ def _start_run(params: Params, cell: Cell, root: Path, tracking_uri: str, work: 
         params=flatten_params(params) | {"cell.architecture": cell.architecture, "cell.condition": cell.condition,
                                          "cell.seed": str(cell.seed), "cell.image_size": str(facts["image_size"]),
                                          "cell.repeat": str(cell.repeat), "cell.fraction": str(cell.fraction),
+                                         "cell.replicate": str(cell.replicate),
                                          "cell.fingerprint": facts["fingerprint"]},
         tags={"architecture": cell.architecture, "condition": cell.condition, "seed": str(cell.seed),
+              "replicate": str(cell.replicate),
               "split_repeat": str(cell.repeat), "train_fraction": str(cell.fraction),
               "train_per_class": f"{facts['train_per_class']:g}",
               "git_commit": tracking.git_commit(root), "dataset_md5": recorded_dataset_md5(root),
@@ -180,9 +185,29 @@ def _start_run(params: Params, cell: Cell, root: Path, tracking_uri: str, work: 
     return tracker, experiment_id
 
 
+def frozen_features(trainer: Trainer, images: DeviceImages) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A frozen backbone's features (N, D) and labels of every image of the cell, in the store's
+    order, computed once: its backbone is in eval mode, so they never change, and validation, the
+    cached-feature training and the final predictions all take theirs from here. None otherwise."""
+    if not trainer.frozen:
+        return None
+    return trainer.cached_features(images.in_order(np.arange(len(images)), PREDICT_BATCH))
+
+
+def row_predictor(trainer: Trainer, images: DeviceImages,
+                  features: tuple[torch.Tensor, torch.Tensor] | None) -> Callable[[np.ndarray], tuple]:
+    """(probabilities, labels) of the given rows of the store, with the model's current weights:
+    the model on the images, or, for a frozen backbone, the head on its features (frozen_features).
+    Validation calls it each epoch, and the run's predictions come from it."""
+    if features is not None:
+        return lambda rows: trainer.predict_features(*(f[torch.as_tensor(rows, device=f.device)] for f in features))
+    return lambda rows: trainer.predict(images.in_order(rows, PREDICT_BATCH))
+
+
 class EpochRecorder:
-    """Rank 0's part of each epoch: validate, then, when a save is due, save the resume state and
-    log the epochs it covers to MLflow.
+    """Rank 0's part of each epoch: validate, apply the training rule (stopping.progress: the best
+    epoch so far, whether to stop), then, when a save is due, save the resume state and log the
+    epochs it covers to MLflow.
 
     In that order, so no epoch is logged twice or lost: a crash before a save redoes the epochs
     since the last one, a crash after it resumes there and logs what the store missed
@@ -194,13 +219,13 @@ class EpochRecorder:
     """
 
     def __init__(self, trainer: Trainer, work: WorkDir, tracker: tracking.RunTracker,
-                 val_batches: Callable[[], Iterator], class_names: list[str], cell: Cell, params: Params,
-                 state: dict | None):
-        self.trainer, self.work, self.tracker, self.val_batches = trainer, work, tracker, val_batches
-        self.class_names, self.cell = class_names, cell
-        self.epochs, self.save_every_s = params.train.epochs, params.train.save_every_s
+                 validate: Callable[[], tuple[np.ndarray, np.ndarray]], class_names: list[str], cell: Cell,
+                 params: Params, state: dict | None, rule: StopRule):
+        self.trainer, self.work, self.tracker, self.validate = trainer, work, tracker, validate
+        self.class_names, self.cell, self.rule = class_names, cell, rule
+        self.save_every_s = params.train.save_every_s
         self.history: list[dict] = list(state["history"]) if state else []
-        self.best_val: float = state["best_val"] if state else -1.0
+        self.best_val: float = state["best_val"] if state else -1.0  # the best epoch's validation accuracy
         self.best_epoch: int = state["best_epoch"] if state else 0
         self.best_sha256: str | None = state["best_sha256"] if state else None
         self.best_weights: dict | None = None  # best weights not yet written (a copy, on the device)
@@ -210,23 +235,39 @@ class EpochRecorder:
         self.logged_before = set(tracker.logged_steps("val_acc")) if state else set()
         self.last_save = time.perf_counter()
 
-    def record(self, epoch: int, train_loss: float, train_acc: float, started: float) -> None:
+    def record(self, epoch: int, train_loss: float, train_acc: float, started: float) -> Progress:
+        """Validate after `epoch` and keep its weights if it is the best so far; returns the training
+        rule's decision (stop here? the learning rate's factor from now on)."""
         trainer = self.trainer
-        val_probs, val_labels = trainer.predict(self.val_batches())
+        val_probs, val_labels = self.validate()
         val_loss, val_acc = evaluate_loss(val_probs, val_labels)
         row = dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc,
                    val_loss=val_loss, val_acc=val_acc, seconds=time.perf_counter() - started)
         self.history.append(row)
         self.unlogged.append(row)
-        if val_acc > self.best_val:
+        decision = progress(self.history, self.rule)
+        if decision.best_epoch == epoch:
             self.best_val, self.best_epoch = val_acc, epoch
             self.best_weights = {"model": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
                                  "epoch": epoch, "val_acc": val_acc, "class_names": self.class_names}
-        # The last epoch writes no resume state: the run folder follows at once (_finish_cell).
-        if epoch < self.epochs and time.perf_counter() - self.last_save >= self.save_every_s:
+        if not decision.stop and time.perf_counter() - self.last_save >= self.save_every_s:
+            # The last epoch writes no resume state: the run folder follows at once (_finish_cell).
             self.save(epoch)
-        log(f"[{self.cell.name}] epoch {epoch}/{self.epochs} train_loss={train_loss:.4f} train_acc={train_acc:.4f} "
-            f"val_loss={val_loss:.4f} val_acc={val_acc:.4f} ({row['seconds']:.1f}s)")
+        notes = [f"learning rate x{decision.lr_scale:g}"] if decision.lr_scale != 1 else []
+        if decision.stop:
+            notes.append(f"stopping: best epoch {decision.best_epoch}"
+                         + (", at the cap while still improving" if decision.hit_cap else ""))
+        log(f"[{self.cell.name}] epoch {epoch}/{self.rule.max_epochs} train_loss={train_loss:.4f} "
+            f"train_acc={train_acc:.4f} val_loss={val_loss:.4f} val_acc={val_acc:.4f} ({row['seconds']:.1f}s)"
+            + "".join(f"; {note}" for note in notes))
+        return decision
+
+    def outcome(self) -> dict:
+        """What run.json and metrics.json record of the training rule: epochs trained, the cap, the
+        best epoch and whether the run hit the cap while still improving."""
+        decision = progress(self.history, self.rule)
+        return {"epochs": decision.epochs, "max_epochs": self.rule.max_epochs, "best_epoch": decision.best_epoch,
+                "hit_cap": decision.hit_cap}
 
     def save(self, epoch: int) -> None:
         """Write the resume state after `epoch` (and the best weights, if new), then log the epochs since the last save."""
@@ -257,25 +298,37 @@ class EpochRecorder:
 
 
 def _train_epochs(trainer: Trainer, images: DeviceImages, train_rows: np.ndarray, params: Params, cell: Cell,
-                  start_epoch: int, recorder: EpochRecorder | None) -> None:
-    """Train epochs start_epoch..train.epochs on this rank; rank 0's recorder validates and records each."""
+                  rule: StopRule, state: dict | None, recorder: EpochRecorder | None,
+                  features: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """Train the epochs after the resume state's (if any) on this rank until the training rule
+    stops the run; rank 0's recorder validates and records each and decides, and every rank
+    learns its decision. `features`: frozen_features, for a frozen backbone."""
     t = params.train
+    start_epoch = state["epoch"] + 1 if state else 1
+    resumed = progress(state["history"] if state else [], rule)
+    stopped = resumed.stop  # stopped before an interruption
+    trainer.set_lr_scale(resumed.lr_scale)
     feature_cache = None
-    if start_epoch <= t.epochs and trainer.frozen and not augments(t.augment) and t.max_batches_per_epoch is None:
-        # Without augmentation a frozen backbone sees the same images every epoch: compute once.
-        feature_cache = trainer.cached_features(images.in_order(train_rows, PREDICT_BATCH))
+    if not stopped and start_epoch <= rule.max_epochs and caches_features(cell.condition, t):
+        # A frozen backbone sees the same images (or their mirror images) every epoch: compute once.
+        rows = torch.as_tensor(train_rows, device=features[0].device)
+        feature_cache = (features[0][rows], features[1][rows])
+        if t.augment.hflip:
+            mirrored, _ = trainer.cached_features(images.in_order(train_rows, PREDICT_BATCH), flipped=True)
+            feature_cache = (torch.stack([feature_cache[0], mirrored]), feature_cache[1])
         if recorder is not None:
-            log(f"[{cell.name}] frozen backbone, no augmentation: training the head on cached features")
-    steps_per_epoch = math.ceil(len(train_rows) / t.batch_size)
-    if t.max_batches_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, t.max_batches_per_epoch)
-    trainer.set_schedule(steps_per_epoch, t.epochs, steps_done=(start_epoch - 1) * steps_per_epoch)
-    progress = CellProgress(cell.name, len(train_rows) * (t.epochs - start_epoch + 1), enabled=recorder is not None)
-    for epoch in range(start_epoch, t.epochs + 1):
+            log(f"[{cell.name}] frozen backbone, {'flips' if t.augment.hflip else 'no'} augmentation: training the "
+                f"head on cached features")
+    steps_per_epoch = epoch_steps(len(train_rows), t)
+    trainer.set_schedule(steps_per_epoch, rule.max_epochs, steps_done=(start_epoch - 1) * steps_per_epoch)
+    bars = CellProgress(cell.name, len(train_rows) * (rule.max_epochs - start_epoch + 1), enabled=recorder is not None)
+    for epoch in range(start_epoch, rule.max_epochs + 1):
+        if stopped:
+            break
         started = time.perf_counter()
         # Every rank draws the same order from this seed and takes its own shard of each batch.
         order = torch.Generator().manual_seed(cell.seed * 100_003 + epoch)
-        with progress.epoch(epoch, t.epochs, len(train_rows)) as bar:
+        with bars.epoch(epoch, rule.max_epochs, len(train_rows)) as bar:
             if feature_cache is not None:
                 train_loss, train_acc = trainer.train_head_epoch(*feature_cache, order, bar)
             else:
@@ -283,8 +336,12 @@ def _train_epochs(trainer: Trainer, images: DeviceImages, train_rows: np.ndarray
                 shards = distributed.shard_batches(train_rows[permutation.numpy()].tolist(), t.batch_size,
                                                    trainer.world)
                 train_loss, train_acc = trainer.train_epoch(images.batches(shards), bar)
-        if recorder is not None:
-            recorder.record(epoch, train_loss, train_acc, started)
+        # Rank 0 applies the rule; the others contribute zeros to the sum and so learn its decision.
+        decision = recorder.record(epoch, train_loss, train_acc, started) if recorder is not None else None
+        stop, lr_scale = trainer.world.sum([float(decision.stop), decision.lr_scale] if decision else [0.0, 0.0],
+                                           trainer.device)
+        stopped = stop > 0
+        trainer.set_lr_scale(lr_scale)
 
 
 class CellProgress:
@@ -322,9 +379,9 @@ def progress_line(name: str, label: str, done: int, total: int, elapsed_s: float
             f"about {int(left // 60)}m {int(left % 60)}s left")
 
 
-def _finish_cell(trainer: Trainer, data: TrainingData, images: DeviceImages, params: Params, cell: Cell,
-                 run_dir: Path, work: WorkDir, tracker: tracking.RunTracker, recorder: EpochRecorder,
-                 run_info: dict) -> dict:
+def _finish_cell(trainer: Trainer, data: TrainingData, predict_rows: Callable[[np.ndarray], tuple],
+                 params: Params, cell: Cell, run_dir: Path, work: WorkDir, tracker: tracking.RunTracker,
+                 recorder: EpochRecorder, run_info: dict) -> dict:
     """Write the run folder (checkpoints, predictions, history, run.json), log the last epochs'
     metrics and the model, finish the MLflow run, then remove the resume state. Returns run.json's
     content. Each checkpoint is written once and hashed as it is written; the chosen weights are
@@ -343,7 +400,7 @@ def _finish_cell(trainer: Trainer, data: TrainingData, images: DeviceImages, par
         trainer.model.load_state_dict(best["model"])
     del best
     predicting = time.perf_counter()
-    probs, labels = trainer.predict(images.in_order(np.arange(len(images)), PREDICT_BATCH))
+    probs, labels = predict_rows(np.arange(len(data.manifest)))
     log(f"[{cell.name}] predicted all {len(labels):,} images in {time.perf_counter() - predicting:.1f}s")
     predictions = pd.DataFrame({"path": data.manifest["path"], "split": data.manifest["split"],
                                 "label": labels, "pred": probs.argmax(1)})
@@ -361,13 +418,14 @@ def _finish_cell(trainer: Trainer, data: TrainingData, images: DeviceImages, par
         "architecture": cell.architecture, "condition": cell.condition, "seed": cell.seed,
         "repeat": cell.repeat, "fraction": cell.fraction,
         "train_per_class": train_images_per_class(data.manifest), "class_names": data.class_names, "image_size": run_info["image_size"], "checkpoint": t.checkpoint,
-        "model_uri": model_info.model_uri, "fingerprint": run_info["fingerprint"],
+        "model_uri": model_info.model_uri, "fingerprint": run_info["fingerprint"], "replicate": cell.replicate,
+        **recorder.outcome(),
     }
     write_run_info(run_dir, summary)
     (run_dir / "metrics.json").write_text(json.dumps({
         "best_val_acc": recorder.best_val, "last_val_acc": final["val_acc"], "last_train_acc": final["train_acc"],
-        "epochs": len(recorder.history), "seconds": sum(h["seconds"] for h in recorder.history)}, indent=2))
-    tracker.log_metrics({"best_val_acc": recorder.best_val})
+        **recorder.outcome(), "seconds": sum(h["seconds"] for h in recorder.history)}, indent=2))
+    tracker.log_metrics({"best_val_acc": recorder.best_val} | {k: float(v) for k, v in recorder.outcome().items()})
     tracker.finish()
     work.remove()
     return summary

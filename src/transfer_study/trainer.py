@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from . import distributed, models
 from .cells import Cell
-from .config import Params
+from .config import Params, TrainParams
 from .distributed import SINGLE_PROCESS, World
 from .transforms import DeviceAugment, model_input, normalize, to_model_input
 
@@ -31,6 +31,14 @@ PREDICT_BATCH = 256  # validation and prediction: no gradients, so large batches
 # 1.1 ms per image in chunks of 64 and 2.0 ms in chunks of 256 (per-thread CPU time, 2 cores).
 CPU_PREDICT_CHUNK = 64
 GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before capture, as CUDA graphs require
+
+
+def caches_features(condition: str, train: TrainParams) -> bool:
+    """Whether a run trains its head on backbone features computed once (Trainer.cached_features):
+    a frozen backbone, in eval mode, whose augmentation is none or flips alone (then each training
+    image's mirror image is cached too)."""
+    flips_at_most = not train.augment.rotation and not train.augment.translate
+    return condition == "frozen" and flips_at_most and train.max_batches_per_epoch is None
 
 
 def loss_of(outputs, labels: torch.Tensor, aux_weight: float,
@@ -94,14 +102,17 @@ class Trainer:
         # fused: one kernel for the whole update (on a CPU too: a ResNet-18 step at 64 px costs 7% less
         # CPU time, as little as plain SGD's); capturable: its step counters live on the GPU (graphs).
         fused = device.type in ("cuda", "cpu") or None
-        # A scheduled rate lives in one tensor on the device, which _advance_schedule fills in place:
-        # a captured step reads each new value from it (restore puts it back after loading a state).
+        # A changing rate (a schedule, or the training rule's cuts: set_lr_scale) lives in one tensor on
+        # the device, which _write_lr fills in place: a captured step reads each new value from it
+        # (restore puts it back after loading a state).
+        changing = t.schedule != "constant" or t.early_stopping is not None
         self.lr: torch.Tensor | None = None
-        if t.schedule != "constant" and (fused or self.use_graph):
+        if changing and (fused or self.use_graph):
             self.lr = torch.tensor(t.lr, dtype=torch.float32, device=device)
         self.optimizer = torch.optim.Adam(trainable, lr=t.lr if self.lr is None else self.lr,
                                           weight_decay=t.weight_decay, fused=fused, capturable=self.use_graph)
         self.steps_done, self.total_steps = 0, 1  # the schedule's clock (set_schedule)
+        self.lr_scale = 1.0  # the training rule's factor on the schedule (stopping.progress)
         # What a training step runs: the trained part, under DDP wrapped so that its gradients
         # are averaged across ranks. Checkpoints, validation and prediction use self.model.
         self.trained = world.wrap(self.model.head if self.frozen else self.model, device)
@@ -130,16 +141,24 @@ class Trainer:
         """Where the learning-rate schedule stands: `steps_done` of steps_per_epoch × epochs."""
         self.total_steps, self.steps_done = max(steps_per_epoch * epochs, 1), steps_done
 
+    def set_lr_scale(self, scale: float) -> None:
+        """Multiply the schedule's learning rate by `scale` from the next step on (the training rule's cuts)."""
+        self.lr_scale = scale
+        if self.params.train.schedule == "constant":
+            self._write_lr(self.params.train.lr * scale)
+
+    def _write_lr(self, value: float) -> None:
+        if self.lr is not None:
+            self.lr.fill_(value)
+            return
+        for group in self.optimizer.param_groups:
+            group["lr"] = value
+
     def _advance_schedule(self) -> None:
         t = self.params.train
         if t.schedule == "constant":
             return
-        value = learning_rate(t.schedule, t.lr, self.steps_done, self.total_steps)
-        if self.lr is not None:
-            self.lr.fill_(value)
-        else:
-            for group in self.optimizer.param_groups:
-                group["lr"] = value
+        self._write_lr(self.lr_scale * learning_rate(t.schedule, t.lr, self.steps_done, self.total_steps))
         self.steps_done += 1
 
     def autocast(self, enabled: bool = True):
@@ -209,21 +228,30 @@ class Trainer:
         return self._epoch_means(total_loss, correct, seen)
 
     @torch.no_grad()
-    def cached_features(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frozen backbone features (N, D) and labels of every image in `batches`, computed once."""
+    def cached_features(self, batches, flipped: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen backbone features (N, D) and labels of every image in `batches` (with `flipped`, of
+        their mirror images), computed once."""
         self.model.backbone.eval()
         features, labels_out = [], []
         for images_u8, labels in batches:
             for chunk in images_u8.split(self.predict_chunk):
                 images = model_input(chunk, self.device, self.channels_last)
                 with self.autocast():
-                    features.append(self.model.forward_features(images).float())
+                    features.append(self.model.forward_features(images.flip(3) if flipped else images).float())
             labels_out.append(labels.to(self.device))
         return torch.cat(features), torch.cat(labels_out)
 
+    @torch.inference_mode()
+    def predict_features(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """predict's probabilities and labels from cached frozen-backbone features (N, D): the head alone."""
+        self.model.eval()
+        return torch.softmax(self.model.forward_head(features).float(), dim=1).cpu().numpy(), labels.cpu().numpy()
+
     def train_head_epoch(self, features: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
                          progress: tqdm | None) -> tuple[float, float]:
-        """One epoch of the head alone on cached features (frozen condition without augmentation).
+        """One epoch of the head alone on cached features (frozen condition without augmentation, or
+        with flips alone: features (2, N, D) of the images and their mirror images, one of the two
+        drawn for each image with probability 1/2, as the flip would be).
 
         Under DDP every rank holds every feature and takes its shard of each global batch."""
         self.model.head.train()
@@ -231,6 +259,9 @@ class Trainer:
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         seen = 0
         order = torch.randperm(len(labels), generator=generator).tolist()
+        if features.dim() == 3:
+            flipped = (torch.rand(len(labels), generator=generator) < 0.5).long().to(self.device)
+            features = features[flipped, torch.arange(len(labels), device=self.device)]
         for rows in distributed.shard_batches(order, self.params.train.batch_size, self.world):
             batch = torch.tensor(rows, device=self.device)
             self._advance_schedule()

@@ -81,10 +81,14 @@ class DeviceAugment(torch.nn.Module):
         self.max_shift = 2.0 * params.translate  # normalised coordinates: a side spans 2
         self.hflip = params.hflip
         self.active = augments(params)
+        self.flips_only = params.hflip and not params.rotation and not params.translate
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return images
+        if self.flips_only:  # the warp below would be an exact copy or mirror: skip its resampling
+            flip = torch.rand(images.shape[0], 1, 1, 1, device=images.device) < 0.5
+            return torch.where(flip, images.flip(3), images)
         draws = torch.rand(images.shape[0], 4, device=images.device)
         angle = (draws[:, 0] * 2 - 1) * self.max_angle
         shift = (draws[:, 1:3] * 2 - 1) * self.max_shift
