@@ -244,3 +244,36 @@ def test_training_rows_a_learning_curve_run_left_out_are_read_but_not_scored(tmp
     frame.assign(split=["train", "holdout", "test"]).to_csv(tmp_path / "predictions.csv", index=False)
     with pytest.raises(UserError, match=r"unknown split\(s\) \['holdout'\]"):
         read_predictions(tmp_path / "predictions.csv", 2)
+
+
+def test_each_cells_parent_run_gets_the_mean_and_interval_over_units():
+    """log_group_summaries: one row per cell in `mlflow ui`, from inference.cell_summary (units, not runs)."""
+    from types import SimpleNamespace
+
+    from test_inference import make_runs
+
+    from transfer_study.evaluate import log_group_summaries
+
+    runs = make_runs({("efficientnet_lite0", "frozen"): {1.0: 0.05}}, replicates=range(4), seeds=range(3))
+    runs["run_id"] = runs["architecture"] + "-" + runs["condition"] + ":" + runs["run"]
+    runs.loc[runs.index[0], "single_class"] = True  # kept out of the summary
+    logged: dict[str, dict[str, float]] = {}
+
+    class Client:
+        def get_run(self, run_id):
+            return SimpleNamespace(data=SimpleNamespace(tags={"mlflow.parentRunId": run_id.split(":")[0]}))
+
+        def log_batch(self, run_id, metrics):
+            logged[run_id] = {m.key: m.value for m in metrics}
+
+    log_group_summaries(Client(), runs, 0.95)
+    assert set(logged) == {"efficientnet_lite0-scratch", "efficientnet_lite0-frozen"}
+    frozen = logged["efficientnet_lite0-frozen"]
+    units = runs[runs["condition"] == "frozen"].groupby("replicate")["test_accuracy"].mean()
+    assert frozen["runs"] == 12 and frozen["units"] == 4
+    assert frozen["test_accuracy_mean"] == pytest.approx(units.mean())
+    assert frozen["test_accuracy_low"] < units.mean() < frozen["test_accuracy_high"]
+    assert "test_f1_macro_high" in frozen
+    kept = runs[(runs["condition"] == "scratch") & ~runs["single_class"]]
+    assert logged["efficientnet_lite0-scratch"]["test_accuracy_mean"] == pytest.approx(
+        kept.groupby("replicate")["test_accuracy"].mean().mean())
