@@ -71,7 +71,6 @@ FEWER_UNITS, NO_SPREAD = "fewer than {n} units", "no spread between units"
 
 MIN_UNITS = 3  # below this a variance has one degree of freedom or none: no interval, no verdict
 PRETRAINED = ("frozen", "finetune")
-UNIT_COLUMNS = {REPLICATE: "replicate", SPLIT: "repeat", SEEDS_ONLY: "replicate"}
 KEY = ("architecture", "condition", "replicate", "repeat", "seed", "fraction")
 RUN_COLUMNS = (*KEY, "run", "train_per_class", "n_train", "n_test", "val_accuracy", "test_accuracy",
                "test_f1_macro", "external_accuracy", "external_f1_macro", "single_class")
@@ -107,7 +106,6 @@ class Inference:
     cells: pd.DataFrame
     catch_up: pd.DataFrame
     kept_out: pd.DataFrame
-    bootstrap_samples: int
 
     @property
     def alpha(self) -> float:
@@ -347,14 +345,6 @@ def comparisons(runs: pd.DataFrame, units: Units, confidence: float) -> pd.DataF
     return table[columns]
 
 
-def comparison_row(table: pd.DataFrame, a: str, b: str, fraction: float, outcome: str) -> pd.Series | None:
-    """The row of `comparisons` for cells a − b (names, either order) at a fraction and outcome;
-    None when the report has no such comparison."""
-    mask = ((((table["a"] == a) & (table["b"] == b)) | ((table["a"] == b) & (table["b"] == a)))
-            & (table["fraction"] == fraction) & (table["outcome"] == outcome))
-    return table[mask].iloc[0] if mask.any() else None
-
-
 # --------------------------------------------------------------------------- cells
 
 
@@ -484,7 +474,7 @@ def infer(runs: pd.DataFrame, confidence: float = 0.95, bootstrap_samples: int =
     return Inference(units=units, primary_outcome=outcome, full_fraction=full, confidence=confidence,
                      comparisons=table, cells=cell_summary(kept, units, confidence, tuple(outcomes)),
                      catch_up=catch_up(table, kept, units, outcome, confidence, bootstrap_samples, seed),
-                     kept_out=flagged, bootstrap_samples=bootstrap_samples)
+                     kept_out=flagged)
 
 
 # --------------------------------------------------------------------------- one test set

@@ -25,6 +25,7 @@ from .inference import (
     NO_SPREAD,
     NOT_CAUGHT_UP,
     NOT_ESTABLISHED,
+    ONE_SIZE,
     PRETRAINED_VS_SCRATCH,
     PRIMARY,
     REPLICATE,
@@ -222,7 +223,7 @@ def catch_up_sentence(row: pd.Series, confidence: float) -> str:
     """Where scratch catches up, by the curve's status; every curve gets a sentence."""
     sizes = row["sizes"]
     name = f"{row['architecture']} {row['pretrained']}"
-    if row["reason"] == "one size tried":
+    if row["reason"] == ONE_SIZE:
         return ""
     tried = f"over {size_text(sizes[0])} to {size_text(sizes[-1])} training images per class"
     if row["reason"] == NO_ADVANTAGE:
