@@ -4,12 +4,17 @@ one-test-set descriptions (intervals over test images, McNemar), with simulation
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
 from test_evaluate import synthetic_predictions
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from inference_simulation import OVERLAP, decide_simulated, simulate  # noqa: E402
 
 from transfer_study.config import UserError
 from transfer_study.evaluate import BATCH_METRICS, batch_accuracy, classification_metrics
@@ -32,7 +37,6 @@ from transfer_study.inference import (
     Units,
     bootstrap_ci,
     bootstrap_distribution,
-    decide_unit_differences,
     holm,
     infer,
     intervals_over_test_images,
@@ -42,6 +46,7 @@ from transfer_study.inference import (
     unit_test,
     unit_values,
     units_of,
+    verdicts,
     wilson_interval,
 )
 
@@ -133,13 +138,19 @@ def test_unit_test_is_students_t_and_the_split_correction_widens_it():
     assert corrected["p"] > result["p"]
 
 
+def decide(differences: np.ndarray, test_over_train: float = 0.0, split_units: bool = False) -> dict:
+    """unit_test and its verdict (uncorrected: a family of one), as comparisons() takes them."""
+    result = unit_test(differences, test_over_train, 0.95, split_units)
+    return {**result, "verdict": verdicts(result["p"], 0.05)}
+
+
 def test_too_few_units_or_no_spread_decide_nothing():
-    few = decide_unit_differences(np.array([0.30, 0.32]), 0.95)
+    few = decide(np.array([0.30, 0.32]))
     assert few["verdict"] == TOO_FEW and "fewer than 3" in str(few["reason"]) and math.isnan(few["low"])
-    flat = decide_unit_differences(np.full(5, 1 / 270), 0.95)  # identical differences: no interval of zero width
+    flat = decide(np.full(5, 1 / 270))  # identical differences: no interval of zero width
     assert flat["verdict"] == TOO_FEW and flat["reason"] == NO_SPREAD and math.isnan(flat["high"])
     assert flat["mean"] == pytest.approx(1 / 270)
-    big = decide_unit_differences(np.array([0.30, 0.25, 0.33]), 0.95)  # a large effect on three units is decided
+    big = decide(np.array([0.30, 0.25, 0.33]))  # a large effect on three units is decided
     assert big["verdict"] == ESTABLISHED
 
 
@@ -243,37 +254,10 @@ def test_seeds_on_one_split_are_too_few_units():
 
 
 # --------------------------------------------------------------------------- simulations of known truth
+# scripts/inference_simulation.py's model and steps; it measures the same rates on more studies.
 
 
-def simulate(studies: int, units: int, seeds: int, effect: float, spread: float, seed: int,
-             overlap: float = 0.0) -> pd.DataFrame:
-    """Runs of `studies` simulated studies, one comparison each: for every unit and condition a
-    unit effect of sd `spread` (the split-to-split spread), and for every run seed noise of sd
-    `spread` too (split spread = seed spread). overlap > 0: units are overlapping splits of one
-    dataset whose unit effects correlate by `overlap` (Nadeau & Bengio's model)."""
-    rng = np.random.default_rng(seed)
-    shared = rng.normal(0, spread, (studies, 1, 2))
-    unit_effects = math.sqrt(overlap) * shared + math.sqrt(1 - overlap) * rng.normal(0, spread, (studies, units, 2))
-    accuracy = (0.8 + unit_effects[..., None] + rng.normal(0, spread, (studies, units, 2, seeds))
-                + np.array([0.0, effect])[None, None, :, None])
-    index = pd.MultiIndex.from_product([range(studies), range(units), ["scratch", "frozen"], range(seeds)],
-                                       names=["study", "unit_id", "condition", "seed"])
-    runs = pd.DataFrame({"test_accuracy": accuracy.ravel()}, index=index).reset_index()
-    unit_column = "repeat" if overlap else "replicate"
-    return runs.assign(**{unit_column: runs["unit_id"]}, n_test=N_TEST, n_train=1260)
-
-
-def decide_simulated(runs: pd.DataFrame, units: Units) -> dict[str, np.ndarray]:
-    """The pipeline's own steps on every simulated study at once: unit values, paired
-    differences, the test and its verdict."""
-    values = unit_values(runs, "test_accuracy", units, ("study", "condition"))
-    wide = values.pivot_table(index=["study", "unit"], columns="condition", values="value")
-    d = (wide["frozen"] - wide["scratch"]).unstack("unit").to_numpy()
-    return decide_unit_differences(d, 0.95, N_TEST / 1260, split_units=units.kind == SPLIT)
-
-
-@pytest.mark.parametrize("units, overlap", [(Units(REPLICATE, "replicate", 6), 0.0),
-                                            (Units(SPLIT, "repeat", 5), N_TEST / (1260 + N_TEST + N_TEST))])
+@pytest.mark.parametrize("units, overlap", [(Units(REPLICATE, "replicate", 6), 0.0), (Units(SPLIT, "repeat", 5), OVERLAP)])
 def test_clustered_null_data_are_established_rarely(units, overlap):
     """1,000 null studies, split spread = seed spread, three seeds per unit: 'established' in at
     most 8% (the old pairs-of-runs rule: 28% on such data)."""

@@ -224,14 +224,6 @@ def verdicts(p: np.ndarray, alpha: float) -> np.ndarray:
     return np.where(np.isnan(p), TOO_FEW, np.where(p < alpha, ESTABLISHED, NOT_ESTABLISHED))
 
 
-def decide_unit_differences(differences: np.ndarray, confidence: float, test_over_train: np.ndarray | float = 0.0,
-                            split_units: bool = False) -> dict[str, np.ndarray]:
-    """`unit_test` of paired unit differences (last axis) and its verdict, one comparison per
-    leading index, uncorrected (an exploratory comparison, or a family of one)."""
-    result = unit_test(differences, test_over_train, confidence, split_units)
-    return {**result, "verdict": verdicts(result["p"], 1 - confidence)}
-
-
 # --------------------------------------------------------------------------- comparisons
 
 
