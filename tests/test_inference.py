@@ -28,7 +28,6 @@ from transfer_study.inference import (
     NO_SPREAD,
     NOT_CAUGHT_UP,
     NOT_ESTABLISHED,
-    PRIMARY,
     REPLICATE,
     SEEDS_ONLY,
     SPLIT,
