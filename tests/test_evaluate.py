@@ -1,5 +1,5 @@
-"""Tests for evaluate.py: metrics against scikit-learn and by hand, bootstrap coverage,
-McNemar against known tables, and the stage against a real SQLite MLflow store."""
+"""Tests for evaluate.py: metrics against scikit-learn and by hand, and the stage against a real
+SQLite MLflow store (the intervals and McNemar it once held are test_inference.py's)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ import pytest
 from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_score, roc_auc_score
 
 from transfer_study.config import EvaluateParams, UserError
-from transfer_study.evaluate import (BATCH_METRICS, SCALAR_METRICS, batch_accuracy, bootstrap_ci,
-                                     bootstrap_distribution, classification_metrics, evaluate_runs, mcnemar,
-                                     percentile_interval, resample_weights)
+from transfer_study.evaluate import BATCH_METRICS, SCALAR_METRICS, classification_metrics, evaluate_runs
+from transfer_study.inference import wilson_interval
 
 CLASSES = ["coat", "dress", "shirt"]
 
@@ -88,99 +87,6 @@ def test_batched_metrics_equal_plain_metrics(metric):
 
     batch = BATCH_METRICS[metric](np.stack([np.ones(120), counts]), y_true, y_pred, proba)
     assert batch == pytest.approx([unweighted[metric], repeated[metric]])
-
-
-# --------------------------------------------------------------------------- bootstrap
-
-
-def test_percentile_interval_is_the_central_one_ignoring_nans():
-    values = np.append(np.arange(1001.0), np.nan)
-    assert percentile_interval(values, 0.95) == pytest.approx((25.0, 975.0))  # 2.5 % in each tail
-    assert percentile_interval(values, 0.5) == pytest.approx((250.0, 750.0))
-    assert all(math.isnan(v) for v in percentile_interval(np.full(5, np.nan), 0.95))
-
-
-def test_bootstrap_ci_covers_true_accuracy_at_nominal_rate():
-    true_accuracy, covered, datasets = 0.8, 0, 200
-    for i in range(datasets):
-        y_true, y_pred, proba = synthetic_predictions(300, 6, true_accuracy, seed=100 + i)
-        low, high = bootstrap_ci(y_true, y_pred, proba, batch_accuracy, n=1000, confidence=0.95, seed=i)
-        covered += low <= true_accuracy <= high
-    assert 0.90 <= covered / datasets <= 0.99
-
-
-def test_bootstrap_ci_is_reproducible_and_brackets_the_estimate():
-    y_true, y_pred, proba = synthetic_predictions(270, 6, 0.83, seed=5)
-    first = bootstrap_ci(y_true, y_pred, proba, BATCH_METRICS["f1_macro"], 2000, 0.95, seed=7)
-    again = bootstrap_ci(y_true, y_pred, proba, BATCH_METRICS["f1_macro"], 2000, 0.95, seed=7)
-    estimate = classification_metrics(y_true, y_pred, proba, 6)["f1_macro"]
-    assert first == again
-    assert first[0] < estimate < first[1]
-    assert 0.03 < (first[1] - first[0]) / 2 < 0.07  # about ±4.5 points for n = 270
-
-
-def test_bootstrap_values_are_the_metric_of_each_resample_whatever_the_chunk():
-    # Speed is bench/'s business; here: every value is the plain metric on its resample of the
-    # images, and chunking the resamples (bounded memory) changes nothing.
-    y_true, y_pred, proba = synthetic_predictions(90, 3, 0.7, seed=8)
-    values = bootstrap_distribution(y_true, y_pred, proba, BATCH_METRICS["f1_macro"], 40, seed=3, chunk=7)
-    assert np.array_equal(values, bootstrap_distribution(y_true, y_pred, proba, BATCH_METRICS["f1_macro"], 40, seed=3))
-    weights = resample_weights(90, 40, seed=3).astype(int)
-    assert (weights.sum(axis=1) == 90).all()
-    for b in (0, 17, 39):
-        drawn = np.repeat(np.arange(90), weights[b])
-        plain = classification_metrics(y_true[drawn], y_pred[drawn], proba[drawn], 3)["f1_macro"]
-        assert values[b] == pytest.approx(plain)
-
-
-# --------------------------------------------------------------------------- McNemar
-
-
-def paired_results(both: int, only_a: int, only_b: int, neither: int):
-    """Correctness arrays of two classifiers with the given 2x2 table."""
-    a = [True] * both + [True] * only_a + [False] * only_b + [False] * neither
-    b = [True] * both + [False] * only_a + [True] * only_b + [False] * neither
-    return np.array(a), np.array(b)
-
-
-def test_mcnemar_exact_on_small_discordance():
-    result = mcnemar(*paired_results(50, 10, 2, 8))
-    assert (result["b"], result["c"]) == (10, 2)
-    assert result["method"] == "exact binomial"
-    assert result["p_value"] == pytest.approx(0.0386, abs=1e-4)  # 2 * (1 + 12 + 66) / 2**12
-
-
-@pytest.mark.parametrize("b, c, method", [(17, 7, "exact"), (18, 7, "chi-square")])
-def test_mcnemar_is_exact_below_25_discordant_pairs(b, c, method):
-    """b + c = 24 takes the exact binomial test, 25 the chi-square; the two p-values differ enough
-    here (24: 0.064 exact vs 0.066 chi-square; 25: 0.043 vs 0.045) that the test shows which ran."""
-    from scipy import stats
-
-    exact = 2 * stats.binom.cdf(min(b, c), b + c, 0.5)
-    chi_square = stats.chi2.sf((abs(b - c) - 1) ** 2 / (b + c), df=1)
-    assert abs(exact - chi_square) > 1e-3
-    result = mcnemar(*paired_results(40, b, c, 9))
-    assert (result["b"], result["c"]) == (b, c)
-    if method == "exact":
-        assert result["method"] == "exact binomial" and result["p_value"] == pytest.approx(exact, rel=1e-9)
-    else:
-        assert result["method"].startswith("chi-square") and result["p_value"] == pytest.approx(chi_square, rel=1e-9)
-
-
-def test_mcnemar_chi_square_textbook_example():
-    # Agresti's approval ratings: 794 / 150 / 86 / 570; corrected chi-square = 63**2 / 236.
-    result = mcnemar(*paired_results(794, 150, 86, 570))
-    assert result["method"].startswith("chi-square")
-    assert result["statistic"] == pytest.approx(63 ** 2 / 236)
-    assert result["p_value"] == pytest.approx(math.erfc(math.sqrt(63 ** 2 / 236 / 2)))  # chi2(1) tail
-    assert result["p_value"] < 1e-4
-
-
-def test_mcnemar_identical_classifiers_and_unpaired_input():
-    same = np.array([True, False, True])
-    assert mcnemar(same, same)["p_value"] == 1.0
-    with pytest.raises(ValueError, match="paired"):
-        mcnemar(same, same[:2])
 
 
 # --------------------------------------------------------------------------- the stage
@@ -257,6 +163,8 @@ def test_evaluate_runs_logs_to_mlflow_and_writes_dvc_files(tmp_path, tracking):
     assert list(table["run"]) == ["resnet18-frozen-s0", "vgg19-frozen-s0"] == list(runs["run"])
     assert table.loc[0, "run_id"] == run_ids["resnet18-frozen-s0"]
     assert table.loc[0, "test_accuracy_ci_low"] < expected_accuracy < table.loc[0, "test_accuracy_ci_high"]
+    wilson = wilson_interval(int((test["label"] == test["pred"]).sum()), len(test), 0.95)  # accuracy: Wilson's
+    assert (table.loc[0, "test_accuracy_ci_low"], table.loc[0, "test_accuracy_ci_high"]) == pytest.approx(wilson)
 
     # What `make ui` opens: the experiment marked as model training, and the cells' view (one run a
     # cell here: each run's test metrics and interval as columns, the current runs only).
@@ -381,3 +289,36 @@ def test_runs_csv_scores_the_external_set_records_the_training_rule_and_flags_on
     assert table.loc["vgg19-frozen-s0", "n_external"] == 0 and math.isnan(table.loc["vgg19-frozen-s0",
                                                                                     "external_accuracy"])
     assert "external" in json.loads((out / "metrics.json").read_text())["resnet18-frozen-s0"]
+
+
+def test_each_cells_parent_run_gets_the_mean_and_interval_over_units():
+    """log_group_summaries: one row per cell in `mlflow ui`, from inference.cell_summary (units, not runs)."""
+    from types import SimpleNamespace
+
+    from test_inference import make_runs
+
+    from transfer_study.evaluate import log_group_summaries
+
+    runs = make_runs({("efficientnet_lite0", "frozen"): {1.0: 0.05}}, replicates=range(4), seeds=range(3))
+    runs["run_id"] = runs["architecture"] + "-" + runs["condition"] + ":" + runs["run"]
+    runs.loc[runs.index[0], "single_class"] = True  # kept out of the summary
+    logged: dict[str, dict[str, float]] = {}
+
+    class Client:
+        def get_run(self, run_id):
+            return SimpleNamespace(data=SimpleNamespace(tags={"mlflow.parentRunId": run_id.split(":")[0]}))
+
+        def log_batch(self, run_id, metrics):
+            logged[run_id] = {m.key: m.value for m in metrics}
+
+    log_group_summaries(Client(), runs, 0.95)
+    assert set(logged) == {"efficientnet_lite0-scratch", "efficientnet_lite0-frozen"}
+    frozen = logged["efficientnet_lite0-frozen"]
+    units = runs[runs["condition"] == "frozen"].groupby("replicate")["test_accuracy"].mean()
+    assert frozen["runs"] == 12 and frozen["units"] == 4
+    assert frozen["test_accuracy_mean"] == pytest.approx(units.mean(), abs=5e-5)  # logged rounded to 4 places
+    assert frozen["test_accuracy_low"] < units.mean() < frozen["test_accuracy_high"]
+    assert "test_f1_macro_high" in frozen
+    kept = runs[(runs["condition"] == "scratch") & ~runs["single_class"]]
+    assert logged["efficientnet_lite0-scratch"]["test_accuracy_mean"] == pytest.approx(
+        kept.groupby("replicate")["test_accuracy"].mean().mean(), abs=5e-5)

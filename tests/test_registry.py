@@ -157,6 +157,7 @@ def test_an_ensemble_that_beats_the_best_single_run_on_validation_is_served(stor
     assert {a.path for a in client.list_artifacts(run.info.run_id, "calibration")} == {
         "calibration/calibration.json", "calibration/reliability.png"}
     assert json.loads((paths.out_dir / "champion.json").read_text()) == summary
+    assert "so val_* is optimistic" in summary["honest_figure"] and summary["honest_figure"].startswith("test_*")
     calibration = json.loads((paths.out_dir / "calibration.json").read_text())
     assert calibration["temperature"] == summary["temperature"] and calibration["ece_bins"] == 15
     # Every validation answer of the ensemble is right: no fit to trust, so T = 1, and it says so.

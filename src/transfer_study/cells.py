@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ConfigError, Params
+from .config import ARCHITECTURES, CONDITIONS, ConfigError, Params
 
 
 @dataclass(frozen=True)
@@ -80,3 +80,10 @@ def pretrained_architectures(params: Params) -> list[str]:
     """Architectures whose ImageNet weights the cells params ask for need, in train.architectures' order."""
     needed = {c.architecture for c in cells_for(params) if c.pretrained}
     return [a for a in params.train.architectures if a in needed]
+
+
+def cell_order(key: tuple[str, str]) -> tuple:
+    """Sort (architecture, condition) cells as config lists architectures and conditions; unknown names last."""
+    arch, cond = key
+    return (ARCHITECTURES.index(arch) if arch in ARCHITECTURES else len(ARCHITECTURES), arch,
+            CONDITIONS.index(cond) if cond in CONDITIONS else len(CONDITIONS), cond)

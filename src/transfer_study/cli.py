@@ -216,7 +216,7 @@ def evaluate(ctx: click.Context) -> None:
 @cli.command()
 @click.pass_context
 def report(ctx: click.Context) -> None:
-    """Table 1, Figure 1, paired tests and, on the study's data only, the side-by-side with the study (reports/)."""
+    """The conclusion, Table 1, Figure 1 and the other tables (reports/), one verdict per comparison over independent units."""
     from .report import write_report
 
     params = _params(ctx)

@@ -1,9 +1,9 @@
-"""Evaluate every trained run: metrics per split, bootstrap CIs, paired tests.
+"""Evaluate every trained run: metrics per split and each run's intervals over its test images.
 
-The core is pure (arrays in, numbers out): `classification_metrics`, the batched
-metrics in `BATCH_METRICS`, `bootstrap_ci` and `mcnemar`. The stage
-`evaluate_runs` is the edge: it reads run folders, logs to MLflow and writes the
-files dvc.yaml lists (metrics.json, plots/, runs.csv).
+The core is pure (arrays in, numbers out): `classification_metrics` and the batched metrics in
+`BATCH_METRICS` (the intervals themselves are inference.py's). The stage `evaluate_runs` is the
+edge: it reads run folders, logs to MLflow and writes the files dvc.yaml lists (metrics.json,
+plots/, runs.csv).
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score, roc_curve
 
-from .config import EvaluateParams, UserError
 from .cells import Cell
+from .config import EvaluateParams, UserError
 from .runs import find_run_dirs, read_run_info
 from .split import EXTERNAL, UNUSED
 from .tracking import PIPELINE_CURRENT_TAG, set_cells_view
@@ -33,7 +32,6 @@ SPLITS = ("train", "val", "test")
 SCORED_SPLITS = (*SPLITS, EXTERNAL)
 # Scalar metrics, in the order tables show them; each has a batched twin in BATCH_METRICS.
 SCALAR_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auc_macro")
-EXACT_MCNEMAR_BELOW = 25  # b + c below this: exact binomial test; the chi-square approximation is poor
 
 
 # --------------------------------------------------------------------------- plain metrics
@@ -186,70 +184,6 @@ BATCH_METRICS: dict[str, Callable] = {
     "f1_macro": batch_f1_macro,
     "auc_macro": batch_auc_macro,
 }
-
-
-# --------------------------------------------------------------------------- bootstrap and McNemar
-
-
-def resample_weights(n_images: int, n_resamples: int, seed: int) -> np.ndarray:
-    """(n_resamples, n_images) counts: row b says how often each image is drawn in resample b."""
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, n_images, size=(n_resamples, n_images))
-    offsets = (np.arange(n_resamples) * n_images)[:, None]
-    counts = np.bincount((draws + offsets).ravel(), minlength=n_resamples * n_images)
-    return counts.reshape(n_resamples, n_images).astype(float)
-
-
-def bootstrap_distribution(y_true, y_pred, proba, metric_fn: Callable, n: int, seed: int,
-                           chunk: int = 500) -> np.ndarray:
-    """The metric on `n` bootstrap resamples of the images (same seed → same resamples).
-
-    `metric_fn` is batched (see BATCH_METRICS). Gives back an array of n values.
-    Resamples are processed `chunk` at a time to bound memory.
-    """
-    y_true, y_pred, proba = np.asarray(y_true), np.asarray(y_pred), np.asarray(proba, dtype=float)
-    weights = resample_weights(len(y_true), n, seed)
-    parts = [metric_fn(weights[i:i + chunk], y_true, y_pred, proba) for i in range(0, n, chunk)]
-    return np.concatenate(parts)
-
-
-def percentile_interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
-    """The central `confidence` percentile interval of values (NaNs ignored; all NaN → NaN, NaN)."""
-    values = np.asarray(values, dtype=float)
-    if np.isnan(values).all():
-        return float("nan"), float("nan")
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.nanpercentile(values, [tail, 100 - tail])
-    return float(low), float(high)
-
-
-def bootstrap_ci(y_true, y_pred, proba, metric_fn: Callable, n: int, confidence: float,
-                 seed: int) -> tuple[float, float]:
-    """Percentile bootstrap CI over test images: (low, high) at `confidence` (e.g. 0.95)."""
-    values = bootstrap_distribution(y_true, y_pred, proba, metric_fn, n, seed)
-    return percentile_interval(values, confidence)
-
-
-def mcnemar(correct_a, correct_b) -> dict:
-    """McNemar's test of two classifiers on the same images.
-
-    Takes two boolean arrays (is each image classified correctly by A, by B), in the
-    same image order. Gives back b (A right, B wrong), c (A wrong, B right), the
-    statistic, the two-sided p-value and the method: exact binomial when b + c < 25,
-    else chi-square with continuity correction.
-    """
-    correct_a, correct_b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
-    if correct_a.shape != correct_b.shape:
-        raise ValueError(f"McNemar needs paired results on the same images; "
-                         f"got {correct_a.shape} and {correct_b.shape}")
-    b = int(np.sum(correct_a & ~correct_b))
-    c = int(np.sum(~correct_a & correct_b))
-    if b + c < EXACT_MCNEMAR_BELOW:
-        p_value = 1.0 if b + c == 0 else stats.binomtest(b, b + c, 0.5).pvalue
-        return {"b": b, "c": c, "statistic": float(min(b, c)), "p_value": float(p_value), "method": "exact binomial"}
-    statistic = (abs(b - c) - 1) ** 2 / (b + c)
-    return {"b": b, "c": c, "statistic": float(statistic), "p_value": float(stats.chi2.sf(statistic, df=1)),
-            "method": "chi-square, continuity-corrected"}
 
 
 # --------------------------------------------------------------------------- reading run folders
@@ -475,6 +409,8 @@ def evaluate_run(run_dir: Path, out_dirs: dict[str, Path], params: EvaluateParam
     Gives back (run.json info, metrics per split, test CIs per scalar metric) and writes
     the DVC plot CSVs and the per-run artifact folder `runs/<run>/`.
     """
+    from .inference import intervals_over_test_images  # here: the register stage reads run folders without it
+
     info = read_run_info(run_dir)
     class_names = list(info["class_names"])
     predictions = read_predictions(run_dir / "predictions.csv", len(class_names))
@@ -485,9 +421,8 @@ def evaluate_run(run_dir: Path, out_dirs: dict[str, Path], params: EvaluateParam
         if len(y_true):
             split_metrics[split] = classification_metrics(y_true, y_pred, proba, len(class_names))
     y_true, y_pred, proba = split_arrays(predictions, "test")
-    test_cis = {metric: bootstrap_ci(y_true, y_pred, proba, BATCH_METRICS[metric], params.bootstrap_samples,
-                                     params.confidence, params.seed)
-                for metric in SCALAR_METRICS}
+    test_cis = intervals_over_test_images(y_true, y_pred, proba, {m: BATCH_METRICS[m] for m in SCALAR_METRICS},
+                                          params.bootstrap_samples, params.confidence, params.seed)
 
     names = np.asarray(class_names)
     pd.DataFrame({"actual": names[y_true], "predicted": names[y_pred]}).to_csv(
@@ -581,22 +516,26 @@ RUN_COLUMNS = ["test_accuracy", "test_accuracy_ci_low", "test_accuracy_ci_high",
 
 def log_group_summaries(client, runs: pd.DataFrame, confidence: float) -> bool:
     """On each study cell's parent run (its runs' `mlflow.parentRunId`), the mean test accuracy and
-    macro-F1 over its seeds and splits at the full training set, with a t-interval: the one row
-    per cell that `mlflow ui` shows at the top. Gives back whether there were such cells."""
+    macro-F1 over its units at the full training set, with the interval over units
+    (inference.cell_summary): the one row per cell that `mlflow ui` shows at the top. Gives back
+    whether there were such cells."""
     from mlflow.entities import Metric
 
-    from .analysis import cell_summary
+    from .inference import cell_summary, kept_runs, units_of
 
-    full = runs[runs["fraction"] == 1.0]
+    full = runs[runs["fraction"] == runs["fraction"].max()]
     if full.groupby(["architecture", "condition"]).size().max() < 2:
         return False  # one run per cell: no parent runs, nothing to summarise
+    kept, _ = kept_runs(full)
+    summary = cell_summary(kept, units_of(kept), confidence)
     now = int(time.time() * 1000)
-    for row in cell_summary(full, confidence).to_dict("records"):
-        members = full[(full["architecture"] == row["architecture"]) & (full["condition"] == row["condition"])]
+    for (arch, condition), cell in summary.groupby(["architecture", "condition"]):
+        members = full[(full["architecture"] == arch) & (full["condition"] == condition)]
         parents = {client.get_run(run_id).data.tags.get("mlflow.parentRunId") for run_id in members["run_id"]}
-        metrics = {"runs": row["n_runs"]} | {f"{m}_{stat}": row[m if stat == "mean" else f"{m}_{stat}"]
-                                             for m in ("test_accuracy", "test_f1_macro")
-                                             for stat in ("mean", "low", "high")}
+        by_outcome = cell.set_index("outcome")
+        metrics = {"runs": len(members), "units": by_outcome["n_units"].max()} | {
+            f"{outcome}_{stat}": by_outcome.at[outcome, "mean" if stat == "mean" else stat]
+            for outcome in by_outcome.index for stat in ("mean", "low", "high")}
         for parent in parents - {None}:
             # rounded: the UI shows a metric's full float (0.7899999999999999)
             client.log_batch(parent, metrics=[Metric(k, round(float(v), 4), now, 0)

@@ -462,6 +462,7 @@ def promote_champion(paths: RegisterPaths, registered_model: str, tracking_uri: 
         "best_single": {"run": choice.best_single, "val_f1": choice.best_single_val_f1},
         "previous_version": int(previous) if previous is not None else None,
         "chosen_on": CHOSEN_ON,
+        "honest_figure": "test_*: validation chose the checkpoint, members, flips and temperature, so val_* is optimistic",
         "versions": {run: int(v) for run, v in run_versions.items()},
     }
     (out_dir / "champion.json").write_text(json.dumps(summary, indent=2) + "\n")
