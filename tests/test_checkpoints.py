@@ -3,11 +3,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
+import pandas as pd
 import pytest
 import torch
 
 from transfer_study import checkpoints
-from transfer_study.config import UserError
+from transfer_study.cells import Cell
+from transfer_study.config import Params, SplitParams, UserError
+from transfer_study.split import manifest_frame
 
 
 def flip_byte(path, offset: int) -> None:
@@ -59,3 +65,34 @@ def test_stale_work_dirs_are_the_cells_other_fingerprints(tmp_path):
     current = tmp_path / "resnet18-scratch-s0-0123456789ab"
     assert checkpoints.stale_work_dirs(tmp_path, "resnet18-scratch-s0", current) == [
         tmp_path / "resnet18-scratch-s0-ba9876543210"]
+
+
+def _manifest(seed: int = 0, repeats: int = 1) -> pd.DataFrame:
+    """A split manifest of 3 classes × 10 images, as `split` writes it (repeat 0 in `split`)."""
+    items = pd.DataFrame({"path": [f"c/{k}/{i}.png" for k in "abc" for i in range(10)],
+                          "label": [k for k in "abc" for _ in range(10)],
+                          "sha256": [f"{k}{i:063x}" for k in "abc" for i in range(10)]})
+    return manifest_frame(items, SplitParams(seed=seed, repeats=repeats))
+
+
+def test_the_fingerprint_changes_when_an_image_moves_to_another_split():
+    """A resume continues a model whose earlier epochs saw the train split: if split.seed (or the
+    ratios) moved an image into val or test, the same contents under the same labels must not resume."""
+    params, cell = Params(), Cell("resnet18", "scratch", 0)
+    manifest = _manifest(seed=0)
+    fingerprint = checkpoints.result_fingerprint(params, cell, manifest)
+    assert re.fullmatch(r"[0-9a-f]{12}", fingerprint)
+    reseeded = _manifest(seed=1)
+    assert sorted(zip(reseeded["sha256"], reseeded["label"])) == sorted(zip(manifest["sha256"], manifest["label"]))
+    assert checkpoints.result_fingerprint(params, cell, reseeded) != fingerprint
+    swapped = manifest.copy()
+    train, val = swapped.index[swapped["split"] == "train"][0], swapped.index[swapped["split"] == "val"][0]
+    swapped.loc[[train, val], "split"] = ["val", "train"]  # one image in each direction
+    assert checkpoints.result_fingerprint(params, cell, swapped) != fingerprint
+    # Neither the row order nor the cells params list change a cell's result.
+    shuffled = manifest.sample(frac=1, random_state=0)
+    assert checkpoints.result_fingerprint(params, cell, shuffled) == fingerprint
+    more_cells = dataclasses.replace(params, train=dataclasses.replace(params.train, seeds=(0, 1, 2)))
+    assert checkpoints.result_fingerprint(more_cells, cell, manifest) == fingerprint
+    other_cell = Cell("resnet18", "scratch", 1)
+    assert checkpoints.result_fingerprint(params, other_cell, manifest) != fingerprint
