@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pandas as pd
 import pytest
 from conftest import REPO_ROOT
 from test_analysis import make_runs
@@ -141,3 +142,33 @@ def test_write_conclusion_writes_the_text(tmp_path):
     text = write_conclusion(runs, STUDY, path, is_study_data=True)
     assert path.read_text() == text and text.startswith("# Conclusion")
     assert not list(path.parent.glob(".*tmp"))
+
+
+def _runs_with_differences(differences: list[float]) -> pd.DataFrame:
+    """resnet18 scratch and frozen on len(differences) units (seed × split), frozen − scratch as given."""
+    rows = []
+    for unit, difference in enumerate(differences):
+        base = {"architecture": "resnet18", "seed": unit // 2, "repeat": unit % 2, "fraction": 1.0,
+                "train_per_class": 210.0}
+        scratch = 0.70 + 0.01 * unit
+        rows.append({**base, "condition": "scratch", "test_accuracy": scratch, "test_f1_macro": scratch})
+        rows.append({**base, "condition": "frozen", "test_accuracy": scratch + difference,
+                     "test_f1_macro": scratch + difference})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_an_interval_that_excludes_zero_on_either_side_is_not_enough_without_the_exact_test(sign):
+    """Five units 5 points apart and one 1 point the other way: the t interval excludes zero, but the
+    sign-flip test gives p = 4/64 ≥ 0.05. Either side of zero, the words say so and claim nothing."""
+    runs = _runs_with_differences([sign * d for d in (0.05, 0.05, 0.05, 0.05, 0.05, -0.01)])
+    paired = paired_analysis(runs)
+    accuracy = paired[paired["metric"] == "test_accuracy"].iloc[0]
+    assert accuracy["sign_flip_p"] == pytest.approx(4 / 64)
+    assert (accuracy["low"] > 0) if sign > 0 else (accuracy["high"] < 0)
+    paragraph = section(conclusion_markdown(paired, catch_up(runs), STUDY, True), "resnet18")
+    assert paragraph.startswith("Frozen and scratch cannot be told apart: the test accuracy difference is "
+                                f"{'+' if sign > 0 else '-'}4.0 points on average over 6 paired runs")
+    assert ("The t interval excludes zero but the exact sign-flip test does not confirm it (p ≥ 0.05), so the "
+            "difference is not established.") in paragraph
+    assert "What is established" not in paragraph and claims_in(paragraph) == {"cannot be told apart"}
