@@ -54,7 +54,8 @@ def test_checkpoint_without_its_checksum_is_not_trusted(tmp_path):
     torch.save({"model": {}}, path)  # written by something other than atomic_save
     with pytest.raises(UserError, match="no checksum file 'last.pt.sha256'"):
         checkpoints.load_checkpoint(path)
-    with pytest.raises(UserError, match="not found"):
+    message = f"checkpoint '{tmp_path / 'missing.pt'}' not found; delete '{tmp_path}' and rerun to train again"
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
         checkpoints.load_checkpoint(tmp_path / "missing.pt")
 
 

@@ -240,8 +240,8 @@ def test_alias_moves_to_a_new_winner_and_reruns_write_nothing(store, single_cham
     assert promote_champion(paths, "moving", uri) == before
     assert writes == []  # nothing re-registered, re-tagged, re-logged or re-aliased
     assert version_count(uri, "moving") == 3  # two runs and the served model
-    with pytest.raises(mlflow.exceptions.MlflowException):
-        client.get_model_version_by_alias("moving", "previous")
+    with pytest.raises(mlflow.exceptions.MlflowException, match="^Registered model alias previous not found.$"):
+        client.get_model_version_by_alias("moving", "previous")  # no former champion yet
     monkeypatch.undo()
 
     paths = project(store, tmp_path, [*NESTED, ("vgg19-frozen-s0", 2, set(), {0, 1, 2, 3})])
