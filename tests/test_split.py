@@ -388,12 +388,13 @@ def test_rows_for_at_full_size_needs_no_ranks_and_a_fraction_of_zero_is_refused(
         rows_for(plain, 0, 0)
 
 
-def test_rows_for_names_how_many_repeats_the_manifest_has():
-    three = manifest_frame(make_items({"a": 20, "b": 20}), SplitParams(repeats=3))
-    message = ("the split manifest has 3 repeat(s), so there is no repeat 5; set split.repeats to at least 6 "
-               "and rerun `dvc repro split`")
+@pytest.mark.parametrize("repeats", [1, 2, 3])
+def test_rows_for_names_how_many_repeats_the_manifest_has(repeats):
+    frame = manifest_frame(make_items({"a": 20, "b": 20}), SplitParams(repeats=repeats))
+    message = (f"the split manifest has {repeats} repeat(s), so there is no repeat {repeats + 2}; set split.repeats "
+               f"to at least {repeats + 3} and rerun `dvc repro split`")
     with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
-        rows_for(three, 5, 1.0)
+        rows_for(frame, repeats + 2, 1.0)
 
 
 def test_a_class_without_train_rows_keeps_its_val_and_test_rows_in_a_subset():
