@@ -49,28 +49,32 @@ TARGET_SCORE = 0.85
 class Target:
     module: str  # file under src/transfer_study/
     functions: tuple[str, ...]  # mutmut's names within the module: "x_<function>", "xǁ<Class>ǁ<method>"
-    tests: tuple[str, ...]  # pytest arguments that select the target's tests
+    tests: tuple[str, ...]  # pytest arguments that select the target's tests (node ids: -k would apply to all)
     what: str  # what a surviving mutant would get wrong
 
 
+FAULTS = "tests/test_faults.py::test_"
 TARGETS = {
     "split": Target("split.py", ("*",), ("tests/test_split.py",),
                     "which image trains, validates or tests; the learning-curve subsets"),
     "checkpoints": Target("checkpoints.py", ("*",),
-                          ("tests/test_checkpoints.py", "tests/test_faults.py", "-k",
-                           "test_checkpoint or test_a_checkpoint or stale_work_dirs or fingerprint or full_disk "
-                           "or verified_before_use"),
+                          ("tests/test_checkpoints.py", FAULTS + "resume_state_and_best_checkpoint_are_verified_before_use",
+                           FAULTS + "full_disk_on_a_real_filesystem_gives_a_clear_error",
+                           FAULTS + "full_disk_via_dev_full_gives_a_clear_error"),
                           "the resume fingerprint; corrupt or partly written checkpoints"),
     "serve-input": Target("serve.py", ("x_decode_image*", "x_images_from_request*", "x_verify_weights*",
                                        "x_prediction_frame*"),
-                          ("tests/test_serve.py", "tests/test_faults.py", "-k",
-                           "request_checks or weights_are_checked or most_probable_class or pyfunc_refuses "
-                           "or pyfunc_caps or corrupt_model"),
+                          ("tests/test_serve.py::test_request_checks_refuse_with_the_users_message",
+                           "tests/test_serve.py::test_weights_are_checked_against_the_checksum_logged_with_them",
+                           "tests/test_serve.py::test_the_answer_names_the_most_probable_class_and_every_probability",
+                           FAULTS + "corrupt_model_artifact_fails_to_load_with_a_clear_message",
+                           FAULTS + "pyfunc_refuses_paths_and_urls", FAULTS + "pyfunc_refuses_the_path_of_a_real_image",
+                           FAULTS + "pyfunc_caps_the_whole_request"),
                           "what the served model refuses, and with which message"),
     "config-checks": Target("config.py", ("x__*", "x_load_params*", "x_model_input_size*", "x_launch_env*",
-                                          "x_recorded_dataset_md5*"),
-                            ("tests/test_config.py", "tests/test_distributed.py", "-k",
-                             "not two_gloo_processes"),
+                                          "x_recorded_dataset_md5*", "x_retry_delay_scale*"),
+                            ("tests/test_config.py", "tests/test_distributed.py::test_launch_env_reads_torchrun_variables",
+                             FAULTS + "the_tests_backoff_scale_shortens_the_waits_not_the_budget"),
                             "which params are refused, and the message that names them"),
 }
 
