@@ -5,7 +5,8 @@
 #   make quick  set up and run the whole pipeline on a 2-core CPU (params.quick.yaml)
 #   make test   set up and run the tests
 #   make ui     mlflow ui on this project's runs; prints the address of the profile's runs table
-#   make serve  serve the profile's @champion over HTTP (PORT=5001 by default)
+#   make serve  serve the profile's @champion over HTTP (PORT=5001 by default); without PROFILE, ui and
+#               serve open the profile whose champion was registered last
 #   make bench  set up and print the performance table (bench/)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -76,12 +77,13 @@ run-quick:
 quick: data
 	@$(MAKE) --no-print-directory run-quick
 
+# Without PROFILE, ui and serve open the profile whose champion was registered last (the one you ran).
 ui: setup
-	@params=$$(transfer-study profile --params-file $(PROFILE)) && \
+	@params=$$(transfer-study profile --registered --params-file $(PROFILE)) && \
 	  transfer-study --params $$params ui $(if $(PORT),--port $(PORT))
 
 serve: setup
-	@params=$$(transfer-study profile --params-file $(PROFILE)) && \
+	@params=$$(transfer-study profile --registered --params-file $(PROFILE)) && \
 	  transfer-study --params $$params serve $(if $(PORT),--port $(PORT))
 
 test: setup

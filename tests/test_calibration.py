@@ -77,3 +77,36 @@ def test_reliability_diagram_draws_one_panel_per_curve(tmp_path):
     assert len(fig.axes) == 2 and fig.axes[0].get_title().startswith("before: ECE")
     fig.savefig(tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_an_all_correct_validation_set_serves_the_model_s_own_probabilities_with_a_note():
+    """The issue's case: every validation answer right, so the fit sharpens to the range's end and
+    would serve a wrong test answer at probability 1.0. T = 1 is served and the note says why."""
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 3, 15)
+    probs = np.full((15, 3), 0.2)
+    probs[np.arange(15), labels] = 0.6
+    choice = calibration.choose_temperature(probs, labels)
+    assert choice.fitted == pytest.approx(calibration.TEMPERATURE_RANGE[0], rel=1e-2) and choice.at_bound
+    assert choice.served == 1.0 and choice.errors == 0
+    assert "0 wrong validation answer(s), fewer than the 10 a fit needs" in choice.note
+    assert "the fit ran to the end of its range (0.1 to 10)" in choice.note
+    assert np.allclose(calibration.temperature_scaled(probs, choice.served), probs)
+
+
+def test_a_trustworthy_fit_is_served_and_a_useless_one_is_not():
+    logits, labels = overconfident(n=600, seed=5)
+    choice = calibration.choose_temperature(calibration.softmax(logits), labels)
+    assert choice.note is None and choice.served == choice.fitted == pytest.approx(4.0, rel=0.2)
+    assert choice.log_loss_fitted < choice.log_loss_before - calibration.MIN_LOG_LOSS_GAIN
+    # Already calibrated: the fit lands near 1 and gains less than the noise floor, so T = 1.
+    logits, labels = overconfident(n=600, sharpness=1.0, seed=6)
+    calibrated = calibration.choose_temperature(calibration.softmax(logits), labels)
+    assert calibrated.served == 1.0 and "lowers validation log-loss by" in calibrated.note
+
+
+def test_a_fit_next_to_an_end_of_the_range_is_at_it():
+    """Not exact equality: the bounded search stops a hair inside the range."""
+    low, high = calibration.TEMPERATURE_RANGE
+    assert calibration.at_search_bound(low * 1.0002) and calibration.at_search_bound(high * 0.9995)
+    assert not calibration.at_search_bound(1.0) and not calibration.at_search_bound(low * 1.05)

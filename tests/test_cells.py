@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
 from conftest import tiny_params
 
 from transfer_study import cells
-from transfer_study.config import UserError
+from transfer_study.config import SplitParams, UserError
 
 
 def test_cells_for_respects_exclude_and_filters():
@@ -30,3 +31,12 @@ def test_pretrained_architectures_are_those_of_pretrained_cells_not_excluded():
                          exclude=("small_cnn-frozen", "resnet18-frozen"))
     assert cells.pretrained_architectures(params) == ["efficientnet_lite0"]
     assert cells.pretrained_architectures(tiny_params(conditions=("scratch",))) == []
+
+
+def test_one_run_of_a_cell_is_chosen_by_its_variant():
+    params = tiny_params(architectures=("small_cnn",), conditions=("scratch",), seeds=(0, 1))
+    params = dataclasses.replace(params, split=SplitParams(repeats=2, train_fractions=(0.5, 1.0)))
+    [one] = cells.cells_for(params, "small_cnn", "scratch", "s1-r1-f0.5")
+    assert (one.seed, one.repeat, one.fraction) == (1, 1, 0.5)
+    with pytest.raises(UserError, match="--run s2 is not a run .* s0-f0.5"):
+        cells.cells_for(params, "small_cnn", "scratch", "s2")

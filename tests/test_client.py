@@ -51,14 +51,41 @@ def test_a_refusal_names_the_file_sent_as_that_row(tmp_path):
     assert "row 5" in str(client.refusal("http://srv", 400, "row 5: odd", images))  # not a row we sent
 
 
-def test_files_are_checked_before_anything_is_sent(tmp_path, monkeypatch):
+class _Answer:
+    """What urlopen gives back: the server's predictions for the rows sent."""
+
+    def __init__(self, request):
+        self.rows = len(json.loads(request.data)["inputs"])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def read(self):
+        return json.dumps({"predictions": [{"label": "red", "prob_red": 1.0}] * self.rows}).encode()
+
+
+def test_a_bad_file_is_named_and_left_out_and_the_others_are_classified(tmp_path, monkeypatch):
+    """The issue's case: one bad file no longer stops the batch."""
     good, text, broken = _photos(tmp_path)
-    monkeypatch.setattr(client.urllib.request, "urlopen", lambda *a, **k: pytest.fail("sent a bad file"))
-    with pytest.raises(UserError, match=r"notes\.jpg' is not an image \(PNG, JPEG or WebP\) Pillow can read"):
-        client.predict_images("http://127.0.0.1:1", [good, text])
-    with pytest.raises(UserError, match=r"cut\.png' is corrupt or truncated"):
-        client.predict_images("http://127.0.0.1:1", [good, broken])
-    client.check_images([good])
+    sent = []
+    monkeypatch.setattr(client.urllib.request, "urlopen", lambda request, timeout: sent.append(request) or _Answer(request))
+    predictions = client.predict_images("http://127.0.0.1:1", [good, text, broken, good])
+    assert predictions.frame["image"].tolist() == [str(good), str(good)] and len(sent) == 1
+    assert predictions.skipped[0].startswith(f"'{text}' is not an image (PNG, JPEG or WebP) Pillow can read")
+    assert predictions.skipped[1].startswith(f"'{broken}' is corrupt or truncated") and len(predictions.skipped) == 2
+    with pytest.raises(UserError, match=r"none of the 2 files is a readable image"):
+        client.predict_images("http://127.0.0.1:1", [text, broken])
+    assert len(sent) == 1  # nothing sent when no file is readable
+
+
+def test_an_empty_file_is_called_empty(tmp_path):
+    empty = tmp_path / "photo.jpg"
+    empty.write_bytes(b"")
+    _, (problem,) = client.check_images([empty])
+    assert problem == f"'{empty}' is an empty file (0 bytes); copy the photo again or delete it"
 
 
 def test_predict_prints_no_library_warnings(tmp_path):

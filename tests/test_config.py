@@ -44,6 +44,9 @@ def test_committed_profiles_load():
          "train.image_size.small_cnn = 15; use an integer of at least 16"),
         ("train", {"image_size": {"resnet18": 28, "vgg19": 224, "inception_v3": 299, "small_cnn": 28}},
          "train.image_size.resnet18 = 28; use an integer of at least 32"),
+        ("executor", {"kind": "dask"}, "executor.kind = 'dask'; choose from local, ray"),
+        ("executor", {"num_gpus": 1.5}, "executor.num_gpus = 1.5; use 0, a fraction"),
+        ("executor", {"num_gpus": 0, "num_cpus": 0}, "give CPU runs executor.num_cpus"),
     ],
 )
 def test_bad_params_name_the_param(tmp_path, section, change, fragment):
@@ -237,3 +240,14 @@ def test_split_repeats_and_fractions_default_to_the_study_and_load_from_yaml(tmp
     path.write_text(yaml.safe_dump(raw))
     split = config.load_params(path).split
     assert split.repeats == 3 and split.train_fractions == (0.1, 0.25, 1)
+
+
+def test_a_ray_executor_needs_a_named_cluster(monkeypatch):
+    """Never a cluster started on the fly: a forgotten address would train everything here, quietly."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ConfigError, match="RAY_ADDRESS"):
+        config.ray_address(config.ExecutorParams(kind="ray"))
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
+    assert config.ray_address(config.ExecutorParams(kind="ray")) == "head:6379"
+    assert config.ray_address(config.ExecutorParams(kind="ray", ray_address="auto")) == "auto"
+    assert config.ExecutorParams(num_gpus=0.5).cpus_per_run == 0 and config.ExecutorParams(num_gpus=0).cpus_per_run == 1

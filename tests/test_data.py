@@ -254,6 +254,13 @@ def test_unreadable_files_are_excluded_with_a_warning(raw, name, content):
     assert report.fails(strict=True)
 
 
+def test_an_empty_file_is_called_empty_not_corrupt(raw):
+    (raw / "a" / "copied.jpg").write_bytes(b"")
+    problem = only(validate_dataset(raw, ValidateParams()), "unreadable")
+    assert f"'{raw / 'a' / 'copied.jpg'}' is an empty file (0 bytes)" in problem.message
+    assert "corrupt" not in problem.message
+
+
 def test_strict_turns_warnings_into_errors(raw):
     (raw / "a" / "notes.jpg").write_bytes(b"text")
     for report in (validate_dataset(raw, ValidateParams(strict=True)), validate_dataset(raw, ValidateParams(), strict=True)):

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from conftest import make_split_project, tiny_params
 from mlflow.tracking import MlflowClient
 from test_faults import write_params
 
-from transfer_study import cells, checkpoints, config, imagestore, train
+from transfer_study import cells, checkpoints, config, distributed, imagestore, train
 from transfer_study.config import AugmentParams, ConfigError
 from transfer_study.distributed import World, loss_weight, shard_batches
 
@@ -105,6 +106,13 @@ def test_launch_env_reads_torchrun_variables(monkeypatch):
         config.launch_env()
 
 
+def test_a_collective_that_lost_its_peer_is_told_from_a_bug():
+    gone = RuntimeError("[../gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:2762: Connection reset by peer")
+    assert distributed.lost_a_process(gone)
+    assert distributed.lost_a_process(torch.distributed.DistBackendError("NCCL communicator was aborted"))
+    assert not distributed.lost_a_process(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
 def test_world_device_refuses_a_backend_ddp_cannot_use():
     assert World(1, 2).device(torch.device("cpu")) == torch.device("cpu")
     assert World(1, 2, local_rank=1).device(torch.device("cuda")) == torch.device("cuda", 1)
@@ -165,3 +173,70 @@ def test_two_gloo_processes_give_the_single_process_result(tmp_path):
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2]
     assert log.count("[resnet18-scratch-s0] epoch 1/2") == 1 and log.count("[efficientnet_lite0-frozen-s0] done") == 1
     assert len(pd.read_csv(_run_folder(ddp, "resnet18-scratch") / "history.csv")) == 2
+
+
+def _agent(root: Path, port: int, store: Path, log: Path) -> subprocess.Popen:
+    """One node's torchrun agent (one process) of a two-node job meeting at 127.0.0.1:`port` (c10d)."""
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{store}", OMP_NUM_THREADS="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes",
+               "--max-restarts", "0", "-m", "transfer_study.cli", "train"]
+    with open(log, "w") as out:
+        return subprocess.Popen(command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _two_node_job(tmp_path: Path, name: str, epochs: int) -> tuple[list[Path], list[subprocess.Popen], Path]:
+    """Two copies of a project (two nodes' disks) and their agents; the first holds the rendezvous."""
+    from postgres import free_port
+
+    port, store = free_port(), tmp_path / f"{name}-mlflow.db"
+    roots = [_project(tmp_path / f"{name}-node{n}", architectures=("small_cnn",), conditions=("scratch",),
+                      epochs=epochs, batch_size=4, lr=3e-3, augment=NO_AUGMENT) for n in (0, 1)]
+    agents = [_agent(roots[0], port, store, tmp_path / f"{name}-agent0.log")]
+    deadline = time.monotonic() + 120
+    while not _listening(port):  # the first agent holds the c10d store; then the second joins
+        assert agents[0].poll() is None and time.monotonic() < deadline, (tmp_path / f"{name}-agent0.log").read_text()
+        time.sleep(0.2)
+    agents.append(_agent(roots[1], port, store, tmp_path / f"{name}-agent1.log"))
+    return roots, agents, store
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_train_one_run_and_a_lost_node_ends_it_with_a_clear_error(tmp_path):
+    """torchrun on two 'nodes' (agents on loopback, c10d rendezvous, a project copy each) trains one
+    run of world size 2; killing one node's agent and its process ends the other's within a minute,
+    saying what happened and how to go on (about 30 s on 2 cores)."""
+    import psutil
+
+    roots, agents, store = _two_node_job(tmp_path, "kill", epochs=100_000)
+    logs = [tmp_path / f"kill-agent{n}.log" for n in (0, 1)]
+    deadline = time.monotonic() + 300
+    while not any("ready to train" in log.read_text() for log in logs):
+        assert all(a.poll() is None for a in agents) and time.monotonic() < deadline, logs[0].read_text()[-3000:]
+        time.sleep(0.5)
+    time.sleep(2)  # training
+    doomed = psutil.Process(agents[1].pid)
+    for process in [doomed, *doomed.children(recursive=True)]:  # a node dies: its agent and its process
+        process.kill()
+    killed = time.monotonic()
+    try:
+        code = agents[0].wait(timeout=60)
+    finally:
+        for agent in agents:
+            for process in psutil.Process(agent.pid).children(recursive=True) if agent.poll() is None else []:
+                process.kill()
+            agent.kill()
+    assert code != 0 and time.monotonic() - killed < 60
+    assert "the torchrun job lost a process" in logs[0].read_text(), logs[0].read_text()[-4000:]
+    client = MlflowClient(f"sqlite:///{store}")
+    [run] = client.search_runs([client.get_experiment_by_name("transfer-study").experiment_id])
+    assert run.data.tags["world_size"] == "2"  # one run, rank 0's, of both nodes' processes

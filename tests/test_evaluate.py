@@ -258,6 +258,16 @@ def test_evaluate_runs_logs_to_mlflow_and_writes_dvc_files(tmp_path, tracking):
     assert table.loc[0, "run_id"] == run_ids["resnet18-frozen-s0"]
     assert table.loc[0, "test_accuracy_ci_low"] < expected_accuracy < table.loc[0, "test_accuracy_ci_high"]
 
+    # What `make ui` opens: the experiment marked as model training, and the cells' view (one run a
+    # cell here: each run's test metrics and interval as columns, the current runs only).
+    tags = mlflow.MlflowClient(uri).get_experiment(experiment_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(tags["mlflow.sharedViewState.transfer-study-cells"])
+    assert view["searchFilter"] == "tags.pipeline_current = 'true'"
+    assert view["selectedColumns"][:3] == ["metrics.`test_accuracy`", "metrics.`test_accuracy_ci_low`",
+                                           "metrics.`test_accuracy_ci_high`"]
+    assert set(view["selectedColumns"]) <= {f"metrics.`{m}`" for m in logged.data.metrics}
+
 
 def test_the_current_runs_tag_moves_to_the_runs_each_evaluation_reads(tmp_path, tracking):
     uri, experiment_id = tracking

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import signal
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import FMNIST_DIR, REPO_ROOT
+from postgres import free_port
 from repo import commit, copy_repo, copy_reproduced, run_tool, tool_env, use_tiny_params
 
 BIN = Path(sys.executable).parent
@@ -20,8 +27,8 @@ def test_dvc_repro_runs_every_stage_then_is_clean(reproduced_repo, tmp_path):
     """`dvc repro` on a fetched dataset (the session's reproduced repository) runs every stage and
     leaves the pipeline up to date; a change reruns only what depends on it (in a copy)."""
     log = reproduced_repo.repro_log
-    for stage in ("validate", "preprocess", "split", "train@efficientnet_lite0-frozen", "evaluate", "report",
-                  "register"):
+    for stage in ("check-params", "validate", "preprocess", "split", "train@efficientnet_lite0-frozen", "evaluate",
+                  "report", "register"):
         assert f"Running stage '{stage}'" in log, stage
     root = copy_reproduced(reproduced_repo, tmp_path / "repo")
     env = tool_env(root)
@@ -107,6 +114,7 @@ def test_mlflow_run_main_runs_the_pipeline_and_records_it_in_the_store(tmp_path)
     assert champion.run_id == cell_run.info.run_id
 
 OWN_DATA_FENCE = "```bash own-data\n"
+PRINTS = "#  > "  # README's mark for a line a command prints; `…` stands for any text
 
 
 def readme_own_data_script() -> str:
@@ -116,6 +124,32 @@ def readme_own_data_script() -> str:
     section = readme[readme.index("## Your own images"):]
     start = section.index(OWN_DATA_FENCE) + len(OWN_DATA_FENCE)
     return section[start:section.index("\n```", start)]
+
+
+def readme_serve_block() -> str:
+    """The block after the own-data steps that serves the user's model."""
+    section = (REPO_ROOT / "README.md").read_text().split("## Your own images")[1]
+    start = section.index("```bash\n", section.index(OWN_DATA_FENCE) + len(OWN_DATA_FENCE)) + len("```bash\n")
+    return section[start:section.index("\n```", start)]
+
+
+def printed_lines(block: str) -> list[str]:
+    """The lines a README block says its commands print (marked `#  > `)."""
+    return [line.strip().removeprefix(PRINTS.strip()).strip() for line in block.splitlines()
+            if line.strip().startswith(PRINTS.strip())]
+
+
+def unmatched(expected: list[str], log: str) -> list[str]:
+    """The expected lines (`…`: any text) that no line of `log` matches whole."""
+    lines = [line.strip() for line in log.splitlines()]
+    patterns = {e: re.compile(".*".join(re.escape(part.strip()) for part in e.split("…"))) for e in expected}
+    return [e for e, pattern in patterns.items() if not any(pattern.fullmatch(line) for line in lines)]
+
+
+def test_printed_lines_match_whole_lines_with_ellipses():
+    log = "champion: x version 3, single of r; val\nx a 1 b"
+    assert unmatched(["champion: x version …, … of …; val", "a … b"], log) == ["a … b"]  # whole lines only
+    assert printed_lines("#  > one\n# two\n  #  > three …\n") == ["one", "three …"]
 
 
 def _own_photos(folder: Path, per_class: int = 8) -> Path:
@@ -139,11 +173,49 @@ def _own_photos(folder: Path, per_class: int = 8) -> Path:
     return folder
 
 
+def _run_models(root: Path) -> dict[str, bytes]:
+    """Every trained run's run.json and best.pt under the quick profile's models, by path."""
+    models = root / "outputs/quick/models"
+    return {p.relative_to(models).as_posix(): p.read_bytes() for p in sorted(models.glob("*/s*/*"))
+            if p.name in ("run.json", "best.pt")}
+
+
+def _serve_as_readme_says(root: Path, env: dict, photo: Path) -> str:
+    """`make serve` in the project, as the README's serve block runs it (on a free port); gives back
+    what it printed, the port written as README's 5001, after `transfer-study predict` classified
+    `photo` through it."""
+    port = free_port()
+    (root / ".venv" / ".installed").touch()  # `make setup` ran: the test's environment is the venv
+    log = (root / "serve.log").open("w+")
+    server = subprocess.Popen(["make", "--no-print-directory", "serve", f"PORT={port}"], cwd=root, env=env,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert server.poll() is None, Path(log.name).read_text()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                assert time.time() < deadline, "make serve did not answer /ping in 240 s:\n" + Path(log.name).read_text()
+                time.sleep(1)
+        predict = [str(BIN / "transfer-study"), "predict", "--url", f"http://127.0.0.1:{port}", str(photo)]
+        predicted = run_tool(predict, root, env)
+        assert predicted.stdout.split("\n")[1].split()[1] in ("circles", "squares", "triangles"), predicted.stdout
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    return Path(log.name).read_text().replace(f":{port} ", ":5001 ")
+
+
 @pytest.mark.slow
-def test_readme_own_data_steps_then_the_quick_profile_runs_nothing_twice(tmp_path):
-    """README's own-data block, run as written on a tiny photo set, registers the user's model under
-    the user's name; the quick profile is a DVC pipeline, so running it again runs no stage and
-    registers no new version."""
+def test_readme_own_data_steps_print_what_they_say_and_a_typo_loses_nothing(tmp_path):
+    """README's own-data block, run as written on a tiny photo set: each line it says a command
+    prints is printed, every file it edits is committed, the user's model is registered under the
+    user's name and `make serve` serves it. Then the issue's typo (`epochs` → `epoch`) stops
+    `dvc repro` with the did-you-mean before any stage deletes a trained model, `dvc checkout`
+    brings deleted models back, a rerun runs nothing and registers nothing, and the plots page
+    finds the learning curve and needs no internet. (About 3-4 minutes on the 2-core VM.)"""
     from mlflow import MlflowClient
 
     root = copy_repo(tmp_path / "repo")
@@ -151,27 +223,53 @@ def test_readme_own_data_steps_then_the_quick_profile_runs_nothing_twice(tmp_pat
     commit(root, "tiny quick profile")
     (root / ".venv" / "bin").mkdir(parents=True)  # the block activates .venv: this test's environment
     (root / ".venv" / "bin" / "activate").write_text(f'export PATH="{BIN}:$PATH"\n')
-    env = tool_env(root) | {"PHOTOS": str(_own_photos(tmp_path / "my-photos")), "GIT_AUTHOR_NAME": "t",
+    photos = _own_photos(tmp_path / "my-photos")
+    env = tool_env(root) | {"PHOTOS": str(photos), "GIT_AUTHOR_NAME": "t",
                         "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    result = run_tool(["bash", "-e", "-o", "pipefail", "-c", readme_own_data_script()], root, env)
+    script = readme_own_data_script()
+    result = run_tool(["bash", "-e", "-o", "pipefail", "-c", script], root, env)
     log = result.stdout + result.stderr
 
-    assert "24 images in 3 classes, 0 excluded" in log
-    assert "small_cnn-frozen is listed in train.exclude" in log
-    assert "Table 1 — your data" in log
+    assert len(printed_lines(script)) >= 7
+    assert unmatched(printed_lines(script), log) == [], log[-4000:]
     run = json.loads((root / "outputs/quick/models/efficientnet_lite0-frozen/s0/run.json").read_text())
     assert (root / "outputs/quick/models/small_cnn-frozen/EXCLUDED").is_file()
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     assert client.get_model_version_by_alias("my-photos-quick", "champion").run_id == run["run_id"]
     assert client.get_experiment_by_name("my-photos-quick") is not None
     assert not client.search_registered_models("name = 'clothing-classifier-quick'")
-    committed = run_tool(["git", "status", "--porcelain", "data.dvc", "params.quick.yaml", "profiles/quick/dvc.lock"],
-                     root, env)
-    assert committed.stdout == "", committed.stdout
+    committed = run_tool(["git", "status", "--porcelain", "--untracked-files=no"], root, env)
+    assert committed.stdout == "", f"edited but not committed by the README's steps:\n{committed.stdout}"
+    assert "garment" not in (root / "data.dvc").read_text().lower()  # its header fits the user's data too
 
-    # `make quick` again: DVC runs no stage, and re-registering an unchanged model adds no version.
+    served = _serve_as_readme_says(root, env, next(photos.glob("circles/*.png")))
+    assert unmatched(printed_lines(readme_serve_block()), served) == [], served
+
+    # The issue's typo: DVC would delete the trained models, then stop at the missing param.
+    trained = _run_models(root)
+    quick = root / "params.quick.yaml"
+    good = quick.read_text()
+    assert re.search(r"^  epochs: 1$", good, re.MULTILINE)
+    for typo in (re.sub(r"^  epochs: 1$", "  epoch: 3", good, flags=re.MULTILINE),  # replaced
+                 re.sub(r"^  epochs: 1$", "  epochs: 1\n  epoch: 3", good, flags=re.MULTILINE)):  # added beside
+        quick.write_text(typo)
+        failed = run_tool([str(BIN / "dvc"), "repro", "profiles/quick/dvc.yaml"], root, env, check=False)
+        assert failed.returncode != 0
+        assert "params.quick.yaml: unknown param(s) train.epoch (did you mean train.epochs?)" in failed.stderr
+        assert "Running stage 'train" not in failed.stdout
+        assert _run_models(root) == trained, "a trained model was deleted or changed"
+    quick.write_text(good)
+
+    # A deleted (or retrained) model comes back from DVC's cache with one command.
+    shutil.rmtree(root / "outputs/quick/models")
+    run_tool([str(BIN / "dvc"), "checkout", "profiles/quick/dvc.yaml"], root, env)
+    assert _run_models(root) == trained
+
+    # `make quick` again: the check reruns (the failed runs removed its note), nothing else, and
+    # re-registering an unchanged model adds no version.
     again = run_tool([str(BIN / "dvc"), "repro", "profiles/quick/dvc.yaml"], root, env)
-    assert "Running stage" not in again.stdout + again.stderr, again.stdout
+    ran = re.findall(r"Running stage '([^']+)'", again.stdout)
+    assert ran == ["check-params"], again.stdout
     status = run_tool([str(BIN / "dvc"), "status", "profiles/quick/dvc.yaml"], root, env)
     assert "up to date" in status.stdout, status.stdout
     versions = len(client.search_model_versions("name = 'my-photos-quick'"))  # the run's, and the served one
@@ -179,6 +277,14 @@ def test_readme_own_data_steps_then_the_quick_profile_runs_nothing_twice(tmp_pat
     assert len(client.search_model_versions("name = 'my-photos-quick'")) == versions
     shown = run_tool([str(BIN / "dvc"), "exp", "show", "--json"], root, env)
     assert "outputs/quick/evaluation/metrics.json" in shown.stdout
+
+    # The plots of the quick pipeline: found where its stages wrote them, drawn without internet.
+    plots = run_tool([str(BIN / "dvc"), "plots", "show", "profiles/quick/dvc.yaml", "-o", str(tmp_path / "plots")],
+                     root, env)
+    assert "failed to load" not in plots.stdout + plots.stderr, plots.stdout + plots.stderr
+    page = (tmp_path / "plots" / "index.html").read_text()
+    assert "learning_curve.csv" in page and "vegaEmbed(" in page
+    assert not re.search(r"<script[^>]*\bsrc=", page), "the plots page loads a script from elsewhere"
 
 
 def test_the_quick_pipeline_tracks_what_the_study_pipeline_tracks():
@@ -193,4 +299,4 @@ def test_the_quick_pipeline_tracks_what_the_study_pipeline_tracks():
         code = [d for d in stage["deps"] if d.startswith("src/")]
         assert code == [d for d in study[name]["deps"] if d.startswith("src/")], name
         assert stage["params"] == [{"params.quick.yaml": study[name]["params"]}], name
-    assert set(quick) == set(study) - {"validate", "preprocess"}  # each profile splits its own way
+    assert set(quick) == set(study) - {"check-params", "validate", "preprocess"}  # each profile splits its own way

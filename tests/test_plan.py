@@ -144,6 +144,16 @@ def test_make_run_picks_the_quick_profile_without_a_gpu_and_says_so():
         plan.choose_profile("big", cuda=True)
 
 
+def test_ui_and_serve_open_the_profile_registered_last_whatever_the_machine():
+    """The issue's case: quick run on a GPU machine; `make serve` without PROFILE served the study's model."""
+    records = {"study": "registry/champion.json", "quick": "outputs/quick/registry/champion.json"}  # oldest first
+    profile, reason = plan.profile_to_open(None, cuda=True, registered=records)
+    assert profile == "quick" and "last registered (outputs/quick/registry/champion.json)" in reason
+    assert "PROFILE=study opens the other" in reason
+    assert plan.profile_to_open("study", cuda=False, registered=records)[0] == "study"  # asked for
+    assert plan.profile_to_open(None, cuda=True, registered={})[0] == "study"  # nothing registered yet
+
+
 def test_profiles_map_to_their_params_files():
     assert plan.profile_of("params.quick.yaml") == "quick" and plan.profile_of("params.yaml") == "study"
     assert plan.profile_of("mine.yaml") is None
@@ -160,12 +170,17 @@ def test_durations_read_as_people_say_them():
 def test_the_printed_plan_gives_each_cell_the_total_and_every_check(tmp_path):
     t = TrainParams(epochs=3, batch_size=32, image_size={"resnet18": 64})
     estimate = plan.estimate_cell(Cell("resnet18", "frozen", 0), t, SIZES, TIMING)
+    overhead = plan.pipeline_overhead([estimate.cell], process_start_s=10.0)
     printed = plan.format_plan(plan.Plan(
-        "params.quick.yaml", "cpu (2 threads)", [estimate], SIZES, 3.2, ["data/raw: 140 images in 3 class folders"],
+        "params.quick.yaml", "cpu (2 threads)", [estimate], SIZES, 3.2, overhead,
+        ["data/raw: 140 images in 3 class folders"],
         [plan.WeightsStatus("resnet18", None, "https://example.org/r.pth")], (2_000_000_000, 9_000_000_000, tmp_path)))
     assert printed.startswith("plan for params.quick.yaml: 1 cell on cpu (2 threads)")
     # 3 epochs × (4 steps × 32 images + 20 val images) × 0.01 s + 140 images × 0.01 s
     assert "resnet18-frozen-s0" in printed and "total: about 6 s" in printed
+    # and the whole run: 4 processes (1 train, evaluate, report, register) × 10 s + 1 run's bookkeeping
+    assert overhead.total_s == 4 * 10.0 + plan.RUN_BOOKKEEPING_S
+    assert "the whole run: about 48 s, with 4 stage processes starting in 10 s each (timed here)" in printed
     assert "training downloads it from https://example.org/r.pth" in printed
     assert f"disk: about 2.0 GB for checkpoints, models and image stores; 9.0 GB free at {tmp_path}" in printed
 
@@ -202,6 +217,23 @@ def test_skip_data_without_crops_says_what_to_run(tmp_path):
     with pytest.raises(UserError, match="dvc repro preprocess"):
         plan.data_lines(state, params, skip_data=True)
     assert any("split stage builds it" in line for line in plan.data_lines(state, params, skip_data=False))
+
+
+def test_the_plan_counts_raw_images_as_validate_does(tmp_path):
+    """The issue's 101 vs 96: files that are not images, and images validate excluded, are not counted."""
+    raw = tmp_path / "data" / "raw"
+    for label in ("flowers", "temples"):
+        (raw / label).mkdir(parents=True)
+        for n in range(3):
+            (raw / label / f"{n}.jpg").write_bytes(b"pretend JPEG")
+    (raw / "flowers" / "notes.txt").write_text("not an image")
+    (raw / "temples" / "empty.jpg").write_bytes(b"")
+    params = tiny_params()
+    assert plan.read_data_state(params, tmp_path).raw_images == 7  # before validation: every image file
+    (tmp_path / "data" / "validation.json").write_text(json.dumps(
+        {"excluded": ["data/raw/flowers/notes.txt", "data/raw/temples/empty.jpg"]}))
+    state = plan.read_data_state(params, tmp_path)
+    assert (state.raw_images, state.raw_classes) == (6, 2)
 
 
 def test_data_state_counts_the_manifest_without_opening_images(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from transfer_study import preprocess as pp
-from transfer_study.config import PreprocessParams, UserError
+from transfer_study.config import ConfigError, PreprocessParams, UserError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import crop_quality  # noqa: E402  (builds the pasted-garment evaluation set)
@@ -333,11 +334,11 @@ def test_proposals_on_a_plain_background_takes_the_foreground_box(proposal_cropp
 
 def test_proposals_keeps_the_whole_image_when_the_network_sees_no_garment(proposal_cropper, monkeypatch):
     rgb, truth = cluttered_scene()
-    monkeypatch.setattr(proposal_cropper, "garment_probability", lambda crops: np.full(len(crops), 0.5))
+    monkeypatch.setattr(proposal_cropper, "target_probability", lambda crops: np.full(len(crops), 0.5))
     (sure,) = proposal_cropper.boxes([rgb])
     assert pp.box_iou(sure, truth) > 0.8  # the flat, compact region off the edge wins
-    monkeypatch.setattr(proposal_cropper, "garment_probability",
-                        lambda crops: np.full(len(crops), pp.MIN_GARMENT_PROBABILITY / 2))
+    monkeypatch.setattr(proposal_cropper, "target_probability",
+                        lambda crops: np.full(len(crops), pp.MIN_TARGET_PROBABILITY / 2))
     assert proposal_cropper.boxes([rgb]) == [None]  # unsure: counted by the stage, whole image kept
 
 
@@ -350,7 +351,7 @@ def test_proposals_lets_the_network_choose_among_the_regions(proposal_cropper, m
         widths = np.array([c.shape[1] for c in crops], float)
         return np.where(widths == widths.max(), 0.99, 0.02)
 
-    monkeypatch.setattr(proposal_cropper, "garment_probability", likes_wide_crops)
+    monkeypatch.setattr(proposal_cropper, "target_probability", likes_wide_crops)
     _, boxes, _ = proposal_cropper._candidates(rgb)
     (box,) = proposal_cropper.boxes([rgb])
     widest = max(boxes, key=lambda b: b[2] - b[0])
@@ -361,7 +362,7 @@ def test_proposals_lets_the_network_choose_among_the_regions(proposal_cropper, m
 def test_proposals_in_the_stage_counts_unsure_images(tmp_path, monkeypatch, proposal_cropper, capsys):
     rgb, _ = cluttered_scene()
     write_png(tmp_path / "raw" / "coat" / "photo.png", rgb)
-    monkeypatch.setattr(proposal_cropper, "garment_probability", lambda crops: np.zeros(len(crops)))
+    monkeypatch.setattr(proposal_cropper, "target_probability", lambda crops: np.zeros(len(crops)))
     monkeypatch.setattr(pp, "make_cropper", lambda params: proposal_cropper)
     summary = pp.preprocess_dataset(tmp_path / "raw", tmp_path / "out", PreprocessParams(cropper="proposals", size=32))
     assert summary["whole_image_fallbacks"] == 1
@@ -416,3 +417,84 @@ def test_the_crops_record_how_they_were_made(tmp_path):
     (tmp_path / "cropped" / pp.CROP_RECORD).unlink()
     with pytest.raises(UserError, match="does not say how the crops"):
         pp.read_crop_record(tmp_path / "cropped")
+
+
+def test_an_unreadable_pick_passes_its_preview_place_to_the_next_image(tmp_path, monkeypatch):
+    """The preview shows PREVIEW_COUNT images whenever the data has that many readable ones."""
+    raw = tmp_path / "raw" / "coat"
+    raw.mkdir(parents=True)
+    for i in range(9):
+        Image.new("RGB", (40, 30), (10 * i, 10, 10)).save(raw / f"img{i}.png")
+    (raw / "img0.png").write_bytes(b"not a png")  # a picked image (the first) that cannot be read
+    monkeypatch.setattr(pp, "PREVIEW_COUNT", 4)
+    pp.preprocess_dataset(tmp_path / "raw", tmp_path / "cropped", PreprocessParams(cropper="none", size=32),
+                          preview=tmp_path / "preview.png")
+    with Image.open(tmp_path / "preview.png") as grid:
+        assert grid.size == (4 * pp.PREVIEW_TILE, pp.PREVIEW_TILE)  # 4 tiles, not 3
+
+
+# --------------------------------------------------------------------------------------------
+# What `cam` and `proposals` look for (preprocess.targets), on real photographs
+# --------------------------------------------------------------------------------------------
+
+
+def test_targets_name_imagenet_classes_or_a_group_or_objectness():
+    from transfer_study.models import IMAGENET_GARMENT_CLASSES
+
+    assert pp.target_classes(("garments",)) == tuple(sorted(IMAGENET_GARMENT_CLASSES))
+    assert pp.target_classes(("daisy", "church")) == (497, 985)
+    assert pp.target_classes(("objectness",)) is None
+    with pytest.raises(ConfigError, match="'dasiy' is not an ImageNet class.*did you mean 'daisy'"):
+        pp.target_classes(("dasiy",))
+
+
+def real_photos() -> dict[str, np.ndarray]:
+    """Photographs whose subject is the whole photo (a temple, a flower, a portrait) and a few of
+    other things, none of them a garment: scikit-learn's and scikit-image's samples (offline)."""
+    from skimage import data
+    from sklearn.datasets import load_sample_image
+
+    return {"temple": load_sample_image("china.jpg"), "flower": load_sample_image("flower.jpg"),
+            "portrait": data.astronaut(), "coffee": data.coffee(), "cat": data.chelsea(), "rocket": data.rocket()}
+
+
+def test_a_cropper_that_finds_its_target_in_few_photos_warns_with_the_fix(tmp_path, monkeypatch, proposal_cropper,
+                                                                          capsys):
+    """The issue's case: garment-seeking `proposals` on photos of other things keeps most of them
+    whole; the stage says so and how to fix it. The README's advice for photos that are the object,
+    `none`, previews every photo whole, with no warning."""
+    for name, rgb in real_photos().items():
+        write_png(tmp_path / "raw" / "things" / f"{name}.png", rgb)
+    monkeypatch.setattr(pp, "make_cropper", lambda params: proposal_cropper if params.cropper == "proposals"
+                        else pp.WholeImageCropper())
+    garments = pp.preprocess_dataset(tmp_path / "raw", tmp_path / "garments", PreprocessParams(cropper="proposals",
+                                     size=32))
+    printed = capsys.readouterr().out
+    assert garments["whole_image_fallbacks"] >= 4, garments["fallback_files"]
+    (warning,) = garments["warnings"]
+    assert f"{garments['whole_image_fallbacks']} of 6 images kept whole" in warning
+    assert "looks for garments" in warning and "preprocess.cropper: none" in warning and "preprocess.targets" in warning
+    assert f"WARNING: {warning}" in printed
+    assert json.loads((tmp_path / "garments" / pp.CROP_RECORD).read_text())["summary"]["warnings"] == [warning]
+
+    whole = pp.preprocess_dataset(tmp_path / "raw", tmp_path / "whole", PreprocessParams(cropper="none", size=32),
+                                  preview=tmp_path / "whole.png")
+    assert whole["warnings"] == [] and whole["whole_image_fallbacks"] == 0
+    with Image.open(tmp_path / "whole.png") as grid:
+        tiles = np.asarray(grid.convert("RGB"))
+    for k, (_, rgb) in enumerate(sorted(real_photos().items())):  # in file order: each box is the whole frame, green
+        scale = pp.PREVIEW_TILE / max(rgb.shape[:2])
+        top = (pp.PREVIEW_TILE - round(rgb.shape[0] * scale)) // 2
+        row, column = divmod(k, pp.PREVIEW_COLUMNS)
+        assert tiles[row * pp.PREVIEW_TILE + top, column * pp.PREVIEW_TILE + 80].tolist() == [40, 230, 40]
+
+
+def test_objectness_crops_to_the_object_whatever_its_class():
+    """Class-agnostic `proposals` finds the flower and the cup, which no garment class describes."""
+    cropper = pp.make_cropper(PreprocessParams(cropper="proposals", margin=0.0, targets=("objectness",)))
+    photos = real_photos()
+    flower, coffee = cropper.boxes([photos["flower"], photos["coffee"]])
+    centre_inside = lambda box, x, y: box[0] < x < box[2] and box[1] < y < box[3]  # noqa: E731
+    assert flower is not None and centre_inside(flower, 305, 215)  # the dahlia's centre
+    assert (flower[2] - flower[0]) * (flower[3] - flower[1]) < 0.6 * 640 * 427
+    assert coffee is not None and centre_inside(coffee, 330, 110)  # the cup

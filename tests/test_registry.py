@@ -160,6 +160,10 @@ def test_an_ensemble_that_beats_the_best_single_run_on_validation_is_served(stor
     assert json.loads((paths.out_dir / "champion.json").read_text()) == summary
     calibration = json.loads((paths.out_dir / "calibration.json").read_text())
     assert calibration["temperature"] == summary["temperature"] and calibration["ece_bins"] == 15
+    # Every validation answer of the ensemble is right: no fit to trust, so T = 1, and it says so.
+    assert summary["temperature"] == 1.0 and calibration["temperature_applied"] is False
+    assert calibration["val_errors"] == 0 and "0 wrong validation answer(s)" in summary["temperature_note"]
+    assert champion_version.tags["calibration"] == summary["temperature_note"] == calibration["temperature_note"]
     assert calibration["test"]["ece_after"] == summary["test_ece_after"]
     # ... fitted on what is served, the members' mean validation probabilities (0.1 here, the range's
     # lower end: their mean is right on every validation image), not on the best member's (0.92).

@@ -394,7 +394,7 @@ def _check_answers_and_bad_requests(server: str, tmp_path: Path) -> pd.DataFrame
     paths = [tmp_path / "red.png", tmp_path / "blue.png"]
     _garment("red", 3).save(paths[0])
     _garment("blue", 4).save(paths[1])
-    frame = client.predict_images(server, paths)
+    frame = client.predict_images(server, paths).frame
     assert frame["label"].tolist() == ["red", "blue"]
     probs = frame[["prob_blue", "prob_red"]].to_numpy()
     assert np.allclose(probs.sum(1), 1.0) and ((probs >= 0) & (probs <= 1)).all()
@@ -462,14 +462,15 @@ def test_real_server_answers_and_survives_bad_requests(server, refused, tmp_path
 
     image = tmp_path / "red.png"
     _garment("red", 3).save(image)
-    frame = client.predict_images(server, [image])
+    frame = client.predict_images(server, [image]).frame
     assert frame["label"].tolist() == ["red"]
 
 
 @pytest.mark.slow
 def test_predict_names_the_file_the_server_refused(server, tmp_path, monkeypatch):
-    """A text file and a cut-short PNG: refused before sending, naming the file; and, when sent anyway,
-    the server's "row 1: ..." comes back naming the file, without MLflow's dump of the request."""
+    """A text file and a cut-short PNG: left out before sending, naming the file, while the good one is
+    classified; and, when sent anyway, the server's "row 1: ..." comes back naming the file, without
+    MLflow's dump of the request."""
     from transfer_study.config import UserError
 
     good, text, broken = tmp_path / "red.png", tmp_path / "notes.png", tmp_path / "cut.png"
@@ -477,11 +478,12 @@ def test_predict_names_the_file_the_server_refused(server, tmp_path, monkeypatch
     text.write_text("a shopping list, not a photo")
     broken.write_bytes(good.read_bytes()[:100])
     for bad, why in ((text, "is not an image (PNG, JPEG or WebP) Pillow can read"), (broken, "is corrupt or truncated")):
-        with pytest.raises(UserError) as checked:
-            client.predict_images(server, [good, bad])
-        assert str(checked.value).startswith(f"'{bad}' {why}")
+        checked = client.predict_images(server, [good, bad])
+        assert checked.frame["image"].tolist() == [str(good)] and checked.frame["label"].tolist() == ["red"]
+        (skipped,) = checked.skipped
+        assert skipped.startswith(f"'{bad}' {why}")
         with monkeypatch.context() as unchecked:
-            unchecked.setattr(client, "check_images", lambda images: None)
+            unchecked.setattr(client, "check_images", lambda images: (images, []))
             with pytest.raises(UserError) as refused:
                 client.predict_images(server, [good, bad])
         message = str(refused.value)

@@ -5,15 +5,29 @@ scaling divides the logits by one number T fitted on validation (Guo et al., 201
 softens an over-confident model, and the predicted class never changes. Served models
 only keep probabilities, so logits are recovered from them as log(p): equal to the logits up
 to a constant per row, which softmax ignores.
+
+A fitted T is served only when the fit can be trusted (`choose_temperature`): a validation set
+with few wrong answers cannot say how sure a wrong answer should be (all correct, the fit
+sharpens until the search range ends, and a wrong test answer is served at probability 1.0);
+a fit at an end of the range found no optimum; a fit that barely lowers validation log-loss is
+noise. Then T = 1 is served, the model's own probabilities, and a note says why.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import numpy as np
 
 ECE_BINS = 15
 PROBABILITY_FLOOR = 1e-12  # log(0) guard: a probability that underflowed to 0
 TEMPERATURE_RANGE = (0.1, 10.0)  # searched; a fit at either end (e.g. a perfect validation set) says little
+BOUND_TOLERANCE = 1e-3  # relative: a fitted T this close to an end of TEMPERATURE_RANGE is at it
+# Fewer wrong validation answers than this say too little about over-confidence to fit T on.
+MIN_VALIDATION_ERRORS = 10
+# A fit that lowers validation log-loss (nats per image) by less than this is within noise.
+MIN_LOG_LOSS_GAIN = 0.01
 
 
 def logits_from_probabilities(probs: np.ndarray) -> np.ndarray:
@@ -60,6 +74,49 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
     result = minimize_scalar(nll, bounds=(1.0 / high, 1.0 / low), method="bounded", options={"xatol": 1e-6})
     return float(1.0 / result.x)
+
+
+def at_search_bound(temperature: float) -> bool:
+    """Whether a fitted T lies at (within BOUND_TOLERANCE of) an end of TEMPERATURE_RANGE."""
+    return any(math.isclose(temperature, end, rel_tol=BOUND_TOLERANCE) for end in TEMPERATURE_RANGE)
+
+
+@dataclass(frozen=True)
+class TemperatureChoice:
+    """The temperature served and the fit it came from, on validation."""
+
+    served: float  # the fitted T, or 1.0 when the fit is not trusted
+    fitted: float  # the log-loss optimum in TEMPERATURE_RANGE
+    errors: int  # wrong validation answers
+    log_loss_before: float  # validation log-loss at T = 1
+    log_loss_fitted: float  # ... at the fitted T
+    note: str | None  # why the fitted T is not served; None when it is
+
+    @property
+    def at_bound(self) -> bool:
+        return at_search_bound(self.fitted)
+
+
+def choose_temperature(probs: np.ndarray, labels: np.ndarray, decimals: int = 3) -> TemperatureChoice:
+    """Fit T on validation probabilities (rounded to `decimals`, so a rerun serves the same model)
+    and serve it only when the fit can be trusted: at least MIN_VALIDATION_ERRORS wrong answers,
+    not at an end of TEMPERATURE_RANGE, and validation log-loss lower by MIN_LOG_LOSS_GAIN or more.
+    Otherwise T = 1, with a note that says why."""
+    probs, labels = np.asarray(probs, dtype=float), np.asarray(labels)
+    fitted = round(fit_temperature(logits_from_probabilities(probs), labels), decimals)
+    errors = int((probs.argmax(axis=1) != labels).sum())
+    before = negative_log_likelihood(probs, labels)
+    after = negative_log_likelihood(temperature_scaled(probs, fitted), labels)
+    reasons = []
+    if errors < MIN_VALIDATION_ERRORS:
+        reasons.append(f"{errors} wrong validation answer(s), fewer than the {MIN_VALIDATION_ERRORS} a fit needs")
+    if at_search_bound(fitted):
+        reasons.append(f"the fit ran to the end of its range ({TEMPERATURE_RANGE[0]:g} to {TEMPERATURE_RANGE[1]:g})")
+    if before - after < MIN_LOG_LOSS_GAIN:
+        reasons.append(f"it lowers validation log-loss by {before - after:.4f}, less than {MIN_LOG_LOSS_GAIN}")
+    note = (f"fitted temperature {fitted:g} not applied: {'; '.join(reasons)}; served as the model gives them "
+            "(T = 1)") if reasons else None
+    return TemperatureChoice(1.0 if reasons else fitted, fitted, errors, before, after, note)
 
 
 def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> list[dict]:

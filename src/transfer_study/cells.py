@@ -41,8 +41,10 @@ def runs_per_group(params: Params) -> int:
     return len(params.train.seeds) * params.split.repeats * len(params.split.train_fractions)
 
 
-def cells_for(params: Params, architecture: str | None = None, condition: str | None = None) -> list[Cell]:
-    """The cells params ask for, optionally narrowed to one architecture/condition."""
+def cells_for(params: Params, architecture: str | None = None, condition: str | None = None,
+              variant: str | None = None) -> list[Cell]:
+    """The cells params ask for, optionally narrowed to one architecture/condition, and to one
+    run of them (its `variant`, e.g. s0-r1-f0.5)."""
     t = params.train
     chosen = [
         Cell(a, c, s, r, f)
@@ -61,6 +63,11 @@ def cells_for(params: Params, architecture: str | None = None, condition: str | 
         if condition not in t.conditions:
             raise ConfigError(f"--condition {condition} is not in train.conditions {list(t.conditions)}")
         chosen = [c for c in chosen if c.condition == condition]
+    if variant is not None and chosen:  # none chosen: an excluded cell, which the train command reports
+        known = list(dict.fromkeys(c.variant for c in chosen))
+        chosen = [c for c in chosen if c.variant == variant]
+        if not chosen:
+            raise ConfigError(f"--run {variant} is not a run these params ask for; choose from {', '.join(known)}")
     return chosen
 
 

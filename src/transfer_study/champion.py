@@ -10,7 +10,8 @@ and those of the mirror images, with the validation labels, and nothing of the t
   replacement: start from the best single run, add the run that raises the validation
   macro-F1 of the mean probabilities most, stop when no run raises it. An ensemble is
   therefore served only when it beats the best single run on validation macro-F1.
-- Temperature (`calibration.fit_temperature`) on the served validation probabilities.
+- Temperature (`calibration.choose_temperature`) fitted on the served validation probabilities,
+  and served only when the fit can be trusted (else T = 1, with a note).
 The edge (`mirror_probabilities`) runs a network on the mirror images of the crops.
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .calibration import fit_temperature, logits_from_probabilities, negative_log_likelihood
+from .calibration import TemperatureChoice, choose_temperature, negative_log_likelihood
 from .evaluate import classification_metrics
 
 MAX_CANDIDATES = 5  # best runs on validation considered for flips and the ensemble: one val pass each
@@ -41,15 +42,21 @@ class Candidate:
 
 @dataclass(frozen=True)
 class ServedChoice:
-    """The served model: its member runs (best first), whether each run flips, the temperature,
-    and how the best single run and the served model scored on validation (macro-F1)."""
+    """The served model: its member runs (best first), whether each run flips, the temperature
+    (and the fit it came from), and how the best single run and the served model scored on
+    validation (macro-F1)."""
 
     members: tuple[str, ...]
     tta: dict[str, bool]
-    temperature: float
+    calibration: TemperatureChoice
     best_single: str
     best_single_val_f1: float
     val_f1: float
+
+    @property
+    def temperature(self) -> float:
+        """The temperature served."""
+        return self.calibration.served
 
 
 def macro_f1(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -108,8 +115,8 @@ def choose_served(candidates: list[Candidate], labels: np.ndarray, max_members: 
     probs = {run: served_probabilities({run: views[run]}, tta) for run in views}
     members = greedy_members(probs, labels, max_members)
     served = served_probabilities({run: views[run] for run in members}, tta)
-    temperature = round(fit_temperature(logits_from_probabilities(served), labels), TEMPERATURE_DECIMALS)
-    return ServedChoice(members=tuple(members), tta=tta, temperature=temperature, best_single=members[0],
+    return ServedChoice(members=tuple(members), tta=tta,
+                        calibration=choose_temperature(served, labels, TEMPERATURE_DECIMALS), best_single=members[0],
                         best_single_val_f1=macro_f1(probs[members[0]], labels), val_f1=macro_f1(served, labels))
 
 

@@ -178,6 +178,11 @@ class WorkDir:
     def __init__(self, path: Path):
         self.path = path
 
+    @classmethod
+    def for_run(cls, root: Path, run_name: str, fingerprint: str) -> WorkDir:
+        """The resume folder of run `run_name` (a cells.Cell's name) under `root`'s checkpoints/."""
+        return cls(Path(root) / CHECKPOINT_DIR / f"{run_name}-{fingerprint}")
+
     @property
     def state_file(self) -> Path:
         return self.path / "resume.pt"
@@ -206,8 +211,13 @@ class WorkDir:
                 stale.unlink(missing_ok=True)
                 checksum_path(stale).unlink(missing_ok=True)
 
+    @property
+    def run_id_file(self) -> Path:
+        """Written when the cell's MLflow run starts: while it exists, a rerun here continues that run."""
+        return self.path / "run_id"
+
     def read_run_id(self) -> str | None:
-        path = self.path / "run_id"
+        path = self.run_id_file
         if not path.is_file():
             return None
         return path.read_text().strip() or None
@@ -216,7 +226,7 @@ class WorkDir:
         self.path.mkdir(parents=True, exist_ok=True)
         tmp = self.path / "run_id.tmp"
         tmp.write_text(run_id + "\n")
-        os.replace(tmp, self.path / "run_id")
+        os.replace(tmp, self.run_id_file)
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

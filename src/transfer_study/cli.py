@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -32,6 +33,28 @@ def cli(ctx: click.Context, params_path: str) -> None:
     """Train a CNN from scratch or transfer an ImageNet-pretrained one? The study's pipeline."""
     ctx.ensure_object(dict)
     ctx.obj["params_path"] = params_path
+
+
+@cli.command("check-params")
+def check_params() -> None:
+    """Check every DVC pipeline's params file as its stages will read it (dvc.yaml's first stage)."""
+    from .params_check import check_pipelines, write_note
+
+    lines = check_pipelines(_root())
+    note = write_note(_root())
+    click.echo("\n".join(lines + [f"wrote {note.name}"]))
+
+
+@cli.command("imagenet-classes")
+@click.argument("word", required=False, default="")
+def imagenet_classes(word: str) -> None:
+    """List ImageNet's class names (those containing WORD), for preprocess.targets."""
+    from .config import OBJECTNESS, TARGET_GROUPS
+    from .preprocess import imagenet_categories
+
+    names = [n for n in imagenet_categories() if word.lower() in n.lower()]
+    click.echo("\n".join(names) if names else f"no ImageNet class name contains {word!r}")
+    click.echo(f"(groups: {', '.join(TARGET_GROUPS)}; any object: [{OBJECTNESS}])", err=True)
 
 
 @cli.group()
@@ -109,19 +132,37 @@ def weights_fetch(ctx: click.Context) -> None:
         click.echo(f"ok {path}")
 
 
+def _executor_option(function):
+    return click.option("--executor", type=click.Choice(config.EXECUTORS), default=None,
+                        help="local: one run after another here; ray: each run a task on the Ray cluster "
+                             "(RAY_ADDRESS). Default: executor.kind.")(function)
+
+
+def _with_executor(params: config.Params, executor: str | None) -> config.Params:
+    """Params with --executor, when given, in place of executor.kind."""
+    if executor is None:
+        return params
+    return dataclasses.replace(params, executor=dataclasses.replace(params.executor, kind=executor))
+
+
 @cli.command()
 @click.option("--arch", default=None, help="One architecture of train.architectures (default: all).")
 @click.option("--condition", default=None, help="One condition of train.conditions (default: all).")
+@click.option("--run", "variant", default=None,
+              help="One run of the cell (s<seed>[-r<repeat>][-f<fraction>], as its run folder is named).")
+@_executor_option
 @click.pass_context
-def train(ctx: click.Context, arch: str | None, condition: str | None) -> None:
-    """Train the cells (architecture × condition × seed); one MLflow run each.
+def train(ctx: click.Context, arch: str | None, condition: str | None, variant: str | None,
+          executor: str | None) -> None:
+    """Train the cells (architecture × condition × seed × split × size); one MLflow run each.
 
-    Under `torchrun --nproc_per_node N -m transfer_study.cli train ...` each cell trains with DDP."""
+    Under `torchrun --nproc_per_node N -m transfer_study.cli train ...` each cell trains with DDP.
+    With the ray executor every run of the profile that is not done trains on the cluster at once."""
     from .cells import cells_for
     from .runs import mark_excluded
 
-    params = _params(ctx)
-    cells = cells_for(params, arch, condition)
+    params = _with_executor(_params(ctx), executor)
+    cells = cells_for(params, arch, condition, variant)
     if not cells and arch and condition:
         # dvc.yaml's train matrix has a stage for every arch × condition; an excluded one still leaves its out.
         folder = mark_excluded(_root() / params.paths.outputs / "models", arch, condition)
@@ -129,6 +170,12 @@ def train(ctx: click.Context, arch: str | None, condition: str | None) -> None:
         return  # before importing torch and MLflow: an excluded stage takes half a second
     if not cells:
         click.echo("every cell asked for is listed in train.exclude; nothing to train")
+        return
+    if params.executor.kind == "ray":
+        from .fanout import fan_out
+
+        fan_out(params, ctx.find_root().obj["params_path"], cells, _root(), config.tracking_uri(),
+                config.ray_address(params.executor))
         return
     from .distributed import process_group
     from .train import train_cell
@@ -176,6 +223,8 @@ def register(ctx: click.Context) -> None:
     click.echo(f"champion: {summary['name']} version {summary['version']}, {summary['kind']} of {members}, "
                f"temperature {summary['temperature']:g}; val macro-F1 {summary['val_f1']:.4f}, "
                f"test accuracy {summary['test_accuracy']:.4f} ({out / 'registry' / 'champion.json'})")
+    if summary["temperature_note"]:
+        click.echo(f"note: {summary['temperature_note']}")
 
 
 @cli.command()
@@ -183,33 +232,46 @@ def register(ctx: click.Context) -> None:
               help="The fetch, validate and preprocess stages will not run: the crops must exist.")
 @click.option("--estimate-only", is_flag=True,
               help="Only time the cells (for a profile you will not run): no weights, data or disk checks.")
+@_executor_option
 @click.pass_context
-def plan(ctx: click.Context, skip_data: bool, estimate_only: bool) -> None:
+def plan(ctx: click.Context, skip_data: bool, estimate_only: bool, executor: str | None) -> None:
     """Preflight: the cells, the device, a time estimate from real steps here; weights, data and
-    disk checked, so what would fail later fails now."""
-    _print_plan(ctx, skip_data, estimate_only)
+    disk checked, so what would fail later fails now. With the ray executor: the cluster's nodes
+    and GPUs, the weights checked and the steps timed on one of its nodes, the fan-out's wall time."""
+    _print_plan(ctx, skip_data, estimate_only, executor=executor)
 
 
-def _print_plan(ctx: click.Context, skip_data: bool, estimate_only: bool, err: bool = False) -> None:
+def _print_plan(ctx: click.Context, skip_data: bool, estimate_only: bool, err: bool = False,
+                executor: str | None = None) -> None:
     from .plan import format_plan, preflight
 
     params_path = ctx.find_root().obj["params_path"]
-    click.echo(format_plan(preflight(_params(ctx), params_path, _root(), skip_data, checks=not estimate_only)), err=err)
+    params = _with_executor(_params(ctx), executor)
+    if params.executor.kind == "ray":
+        from .fanout import plan_on_cluster
+
+        click.echo(plan_on_cluster(params, params_path, _root(), skip_data, not estimate_only,
+                                   config.ray_address(params.executor), config.tracking_uri()), err=err)
+        return
+    click.echo(format_plan(preflight(params, params_path, _root(), skip_data, checks=not estimate_only)), err=err)
 
 
 @cli.command()
 @click.argument("requested", required=False, default="")
 @click.option("--params-file", is_flag=True, help="Print the profile's params file instead of its name.")
 @click.option("--estimate", is_flag=True, help="Without a CUDA GPU, also time the study profile (--params) here.")
+@click.option("--registered", is_flag=True,
+              help="Without REQUESTED, the profile whose champion was registered last (make ui, make serve).")
 @click.pass_context
-def profile(ctx: click.Context, requested: str, params_file: bool, estimate: bool) -> None:
+def profile(ctx: click.Context, requested: str, params_file: bool, estimate: bool, registered: bool) -> None:
     """Print the profile to run: REQUESTED (study|quick), else study on a CUDA GPU, quick without one."""
-    from .plan import PROFILES, choose_profile
+    from .plan import PROFILES, profile_to_open
 
-    chosen, reason = choose_profile(requested or None, False if requested else _cuda_available())
+    records = _champion_records() if registered and not requested else {}
+    chosen, reason = profile_to_open(requested or None, False if requested or records else _cuda_available(), records)
     click.echo(reason, err=True)
     if estimate and chosen != "study" and not requested:
-        _print_plan(ctx, skip_data=False, estimate_only=True, err=True)  # stdout carries the choice alone
+        _print_plan(ctx, skip_data=False, estimate_only=True, err=True, executor="local")  # stdout: the choice alone
     click.echo(PROFILES[chosen] if params_file else chosen)
 
 
@@ -247,7 +309,8 @@ def serve(ctx: click.Context, port: int) -> None:
 
     uri, name = config.tracking_uri(), _params(ctx).tracking.registered_model
     check_champion(uri, name)
-    click.echo(f"serving models:/{name}@champion at http://{HOST}:{port} (Ctrl-C stops it)")
+    params_path = ctx.find_root().obj["params_path"]
+    click.echo(f"serving models:/{name}@champion ({params_path}) at http://{HOST}:{port} (Ctrl-C stops it)")
     exec_tool(serve_command(name, port=port), tool_environment(config.environment(), config.python_bin_dir(), uri))
 
 
@@ -277,10 +340,29 @@ def pipeline(ctx: click.Context, skip_data: bool, skip_plan: bool) -> None:
 @click.option("--url", default="http://127.0.0.1:5000", show_default=True, help="The model server.")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def predict(url: str, images: tuple[Path, ...]) -> None:
-    """Classify IMAGES with a running `mlflow models serve`."""
+    """Classify IMAGES with a running `mlflow models serve`; a file that is not a readable image is
+    named and left out, the others are classified (exit status 1 if any was left out)."""
     from .client import predict_images
 
-    click.echo(predict_images(url, list(images)).to_string(index=False))
+    predictions = predict_images(url, list(images))
+    click.echo(predictions.frame.to_string(index=False))
+    for problem in predictions.skipped:
+        click.echo(f"error: {problem}", err=True)
+    if predictions.skipped:
+        raise UserError(f"{len(predictions.skipped)} of {len(images)} files not classified (named above)")
+
+
+def _champion_records() -> dict[str, str]:
+    """Each profile's registry/champion.json that exists, oldest first (register writes it last)."""
+    from .plan import PROFILES
+
+    found = {}
+    for name, params_file in PROFILES.items():
+        if (_root() / params_file).is_file():
+            record = Path(config.load_params(_root() / params_file).paths.outputs) / "registry" / "champion.json"
+            if (_root() / record).is_file():
+                found[name] = record
+    return {name: str(record) for name, record in sorted(found.items(), key=lambda kv: (_root() / kv[1]).stat().st_mtime)}
 
 
 def _cuda_available() -> bool:

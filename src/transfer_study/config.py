@@ -26,6 +26,10 @@ SCRATCH_ONLY = ("small_cnn",)
 CONDITIONS = ("scratch", "frozen", "finetune")
 SCHEDULES = ("constant", "cosine", "onecycle")
 CROPPERS = ("none", "foreground", "cam", "proposals")
+# preprocess.targets: what `proposals` (and `cam`) look for. Named groups of ImageNet classes, any
+# ImageNet class by its name (preprocess.py checks the names), or OBJECTNESS alone: any object.
+TARGET_GROUPS = ("garments",)
+OBJECTNESS = "objectness"
 INCEPTION_MIN_SIZE = 75
 # The version DVC records in data.dvc for the default dataset (`transfer-study data fetch` with the
 # default data params writes the same bytes everywhere). Only runs on this version are compared
@@ -70,6 +74,9 @@ class PreprocessParams:
     foreground_threshold: float = 0.1  # fraction of the max distance from the background colour
     cam_threshold: float = 0.5  # fraction of the CAM's maximum
     cam_input_size: int = 224
+    # What `proposals` looks for: ImageNet classes (a group such as garments, or class names such as
+    # daisy, church), or [objectness]: the region most like any ImageNet object, whatever its class.
+    targets: tuple[str, ...] = ("garments",)
 
 
 @dataclass(frozen=True)
@@ -129,6 +136,27 @@ class TrackingParams:
     registered_model: str = "clothing-classifier"
 
 
+EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class ExecutorParams:
+    """Where `transfer-study train` runs a profile's runs: `local`, one after another in this
+    process, or `ray`, each run one task on a Ray cluster (fanout.py). Nothing here changes a result."""
+
+    kind: str = "local"  # local | ray
+    ray_address: str | None = None  # the Ray head, host:port, or auto (a cluster this machine is part of); null: RAY_ADDRESS
+    num_gpus: float = 1.0  # per run; a fraction packs several runs onto one GPU, 0 trains on CPUs
+    num_cpus: float | None = None  # per run; null: 0 when runs take a GPU (the GPUs bound how many run at once), else 1
+    max_retries: int = 3  # per run, when its node or process dies
+
+    @property
+    def cpus_per_run(self) -> float:
+        if self.num_cpus is not None:
+            return self.num_cpus
+        return 0.0 if self.num_gpus > 0 else 1.0
+
+
 @dataclass(frozen=True)
 class PathParams:
     raw: str = "data/raw"
@@ -148,6 +176,7 @@ class Params:
     evaluate: EvaluateParams = EvaluateParams()
     tracking: TrackingParams = TrackingParams()
     paths: PathParams = PathParams()
+    executor: ExecutorParams = ExecutorParams()
 
 
 # A param's expected type in words: (one value, several values in a list).
@@ -366,17 +395,33 @@ def _check(params: Params) -> None:
             f"split ratios train={s.train}, val={s.val}, test={s.test} must be positive and sum to 1"
         )
     _check_split_repeats(s)
+    _check_executor(params.executor)
     p = params.preprocess
     if p.cropper not in CROPPERS:
         raise ConfigError(f"preprocess.cropper = {p.cropper!r}; choose from {', '.join(CROPPERS)}")
     if p.fit not in ("letterbox", "center"):
         raise ConfigError(f"preprocess.fit = {p.fit!r}; use 'letterbox' or 'center'")
+    _check_targets(p)
     needed = model_input_size(t)
     if p.size < needed:
         raise ConfigError(
             f"preprocess.size = {p.size} is smaller than the largest train.image_size ({needed}); "
             f"store crops at least that large"
         )
+
+
+def _check_targets(p: PreprocessParams) -> None:
+    """preprocess.targets: at least one; objectness alone, and only for `proposals` (a CAM needs classes).
+    The ImageNet class names are checked where the classes are known (preprocess.target_classes)."""
+    if not p.targets:
+        raise ConfigError("preprocess.targets is empty; give ImageNet classes or a group, e.g. [garments], "
+                          f"or [{OBJECTNESS}]")
+    if OBJECTNESS in p.targets and len(p.targets) > 1:
+        raise ConfigError(f"preprocess.targets = {list(p.targets)}: {OBJECTNESS} looks for any object, so it "
+                          f"stands alone; use [{OBJECTNESS}] or a list of classes")
+    if OBJECTNESS in p.targets and p.cropper == "cam":
+        raise ConfigError(f"preprocess.targets = [{OBJECTNESS}] needs cropper proposals (a class-activation map "
+                          f"needs classes); set preprocess.cropper: proposals or name the classes")
 
 
 def _check_split_repeats(s: SplitParams) -> None:
@@ -395,6 +440,21 @@ def _check_split_repeats(s: SplitParams) -> None:
         raise ConfigError(f"split.train_fractions = {list(fractions)} lists a fraction twice; list each once")
 
 
+def _check_executor(e: ExecutorParams) -> None:
+    """Values Ray would refuse, or that would start every run at once, caught while the params load."""
+    if e.kind not in EXECUTORS:
+        raise ConfigError(f"executor.kind = {e.kind!r}; choose from {', '.join(EXECUTORS)}")
+    if e.num_gpus < 0 or (e.num_gpus > 1 and not float(e.num_gpus).is_integer()):
+        raise ConfigError(f"executor.num_gpus = {e.num_gpus}; use 0, a fraction of one GPU (e.g. 0.5) or a whole number")
+    if e.num_cpus is not None and e.num_cpus < 0:
+        raise ConfigError(f"executor.num_cpus = {e.num_cpus}; use a number of at least 0, or null")
+    if e.num_gpus == 0 and e.cpus_per_run == 0:
+        raise ConfigError("executor.num_gpus and executor.num_cpus are both 0: nothing would limit how many runs "
+                          "a node starts at once; give CPU runs executor.num_cpus (e.g. 4)")
+    if e.max_retries < 0:
+        raise ConfigError(f"executor.max_retries = {e.max_retries}; use an integer of at least 0")
+
+
 def _check_scratch_only(t: TrainParams) -> None:
     """A pretrained cell of an architecture without weights must be listed in train.exclude, not skipped silently."""
     for arch in (a for a in t.architectures if a in SCRATCH_ONLY):
@@ -407,21 +467,72 @@ def _check_scratch_only(t: TrainParams) -> None:
             )
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and check a params file; raise ConfigError naming the file and param at fault."""
-    path = Path(path)
+def _read_yaml(path: Path) -> Any:
+    """A params file's YAML content ({} when empty); ConfigError when missing or not YAML."""
     if not path.is_file():
         raise ConfigError(f"params file '{path}' not found; run from the project root or pass --params")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"params file '{path}' is not valid YAML: {exc}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and check a params file; raise ConfigError naming the file and param at fault."""
+    path = Path(path)
+    raw = _read_yaml(path)
     try:
         params = _build(Params, raw, "")
         _check(params)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return params
+
+
+def _default_of(key: str) -> Any:
+    """The default of a dotted param key ('train.epochs'), from the dataclasses; None when unknown."""
+    value: Any = Params()
+    for part in key.split("."):
+        if dataclasses.is_dataclass(value) and part in {f.name for f in dataclasses.fields(value)}:
+            value = getattr(value, part)
+        elif isinstance(value, dict) and part in value:
+            value = value[part]
+        else:
+            return None
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+def missing_keys(raw: Any, keys: list[str]) -> list[str]:
+    """The dotted keys (`train.epochs`, `preprocess`) that the YAML mapping `raw` does not hold."""
+    def present(key: str) -> bool:
+        value = raw
+        for part in key.split("."):
+            if not isinstance(value, dict) or part not in value:
+                return False
+            value = value[part]
+        return True
+
+    return [key for key in keys if not present(key)]
+
+
+def require_params(path: str | Path, keys: list[str], tracked_by: str) -> None:
+    """ConfigError naming the first of `keys` that the params file lacks. DVC reads each param a
+    stage lists (`tracked_by`: the pipeline) only when that stage runs, after it deleted the
+    stage's outputs, so a missing one must be found before `dvc repro` starts any stage."""
+    path = Path(path)
+    missing = missing_keys(_read_yaml(path), keys)
+    if missing:
+        key = missing[0]
+        default = _default_of(key)
+        example = f", e.g. {key}: {_yaml_text(default)}" if default is not None else ""
+        more = f" (and {', '.join(missing[1:])})" if len(missing) > 1 else ""
+        raise ConfigError(f"{path}: {key}{more} is missing, and {tracked_by} tracks it; add it back{example}")
+
+
+def preprocess_params(record: dict) -> PreprocessParams:
+    """The preprocess settings written in a record (the crops' preprocess.json, a served model's
+    config.json) as typed params, checked as a params file's are (JSON lists become tuples)."""
+    return _build(PreprocessParams, record, "preprocess")
 
 
 def model_input_size(train: TrainParams) -> int:
@@ -503,6 +614,28 @@ def tracking_uri(root: Path | None = None) -> str:
     if root is None:
         root = Path(os.environ["DVC_ROOT"]).resolve() if os.environ.get("DVC_ROOT") else project_root()
     return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def ray_address(executor: ExecutorParams) -> str:
+    """The Ray cluster to run on: executor.ray_address, else RAY_ADDRESS. Never a cluster started
+    on the fly: a forgotten address must not quietly train everything on this machine."""
+    address = executor.ray_address or os.environ.get("RAY_ADDRESS", "")
+    if not address:
+        raise ConfigError("executor.kind is ray but no cluster is named: set RAY_ADDRESS=<head host>:6379 (or "
+                          "executor.ray_address), or RAY_ADDRESS=auto on a machine that joined the cluster with "
+                          "`ray start`")
+    return address
+
+
+# What a run on another machine needs to reach the tracking server: its URI and credentials.
+TRACKING_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                      "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH",
+                      "MLFLOW_TRACKING_CLIENT_CERT_PATH")
+
+
+def tracking_environment(uri: str) -> dict[str, str]:
+    """MLFLOW_TRACKING_URI = `uri`, with this process's tracking credentials, for runs started elsewhere."""
+    return {"MLFLOW_TRACKING_URI": uri} | {k: os.environ[k] for k in TRACKING_VARIABLES if k in os.environ}
 
 
 def environment() -> dict[str, str]:

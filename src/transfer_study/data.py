@@ -266,8 +266,22 @@ def _describe(source: Path | bytes | BinaryIO) -> str:
     return f"'{name}'" if isinstance(name, str) else "the file"
 
 
+def _is_empty(source: Path | bytes | BinaryIO) -> bool:
+    """Whether a file or bytes hold nothing (a stream is left to Pillow)."""
+    if isinstance(source, (bytes, bytearray)):
+        return len(source) == 0
+    if isinstance(source, (str, Path)):
+        try:
+            return Path(source).stat().st_size == 0
+        except OSError:
+            return False  # missing or unreadable: Pillow's open says so
+    return False
+
+
 def open_lazily(source: Path | bytes | BinaryIO, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open an image without decoding its pixels; UserError if it is not an image or exceeds max_pixels."""
+    """Open an image without decoding its pixels; UserError if it is empty, not an image or exceeds max_pixels."""
+    if _is_empty(source):  # Pillow would call it unreadable or corrupt; an empty file is a failed copy
+        raise UserError(f"{_describe(source)} is an empty file (0 bytes); copy the photo again or delete it")
     fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
     try:
         image = Image.open(fp)

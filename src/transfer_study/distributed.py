@@ -13,8 +13,11 @@ images, as in torchvision's DDP recipes without --sync-bn. Results therefore dif
 single process for networks that train BatchNorm layers (scratch, finetune); a frozen backbone
 keeps ImageNet's statistics and gives the single-process result.
 
-Only rank 0 validates, writes files and talks to MLflow; one node only (ranks share the project
-folder, where rank 0 builds the image store before the others read it).
+Only rank 0 validates, writes files and talks to MLflow. Across nodes, torchrun runs on every node
+with a c10d rendezvous (README, "Team setup"); each node needs the project at the same commit with
+the same data, builds its own image store, and only rank 0's node gets the run folder. A process or
+node that dies ends the job on every other rank with a UserError (the collective it was in fails),
+and rerunning the same command on every node resumes from the last finished epoch.
 """
 
 from __future__ import annotations
@@ -108,8 +111,27 @@ def process_group(env: LaunchEnv) -> Iterator[World]:
                                          timeout=COLLECTIVE_TIMEOUT)
     try:
         yield world
+    except (RuntimeError, torch.distributed.DistError) as exc:
+        if not lost_a_process(exc):
+            raise
+        raise UserError(f"rank {world.rank} of {world.size}: the torchrun job lost a process ({_first_line(exc)}); "
+                        "a node or process of the job stopped (its own log says why); rerun the same torchrun "
+                        "command on every node: training resumes from the last finished epoch") from None
     finally:
         torch.distributed.destroy_process_group()
+
+
+# What gloo says when a peer's connection drops; NCCL raises DistError subclasses.
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "gloo/transport")
+
+
+def lost_a_process(exc: BaseException) -> bool:
+    """Whether a collective failed because another process of the job is gone (not a bug here)."""
+    return isinstance(exc, torch.distributed.DistError) or any(text in str(exc) for text in _PEER_GONE)
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)[:300]
 
 
 def shard_batches(order: Sequence[int], batch_size: int, world: World) -> list[list[int]]:

@@ -25,7 +25,7 @@ from .config import EvaluateParams, UserError
 from .cells import Cell
 from .runs import find_run_dirs, read_run_info
 from .split import UNUSED
-from .tracking import PIPELINE_CURRENT_TAG
+from .tracking import PIPELINE_CURRENT_TAG, set_cells_view
 
 SPLITS = ("train", "val", "test")
 # Scalar metrics, in the order tables show them; each has a batched twin in BATCH_METRICS.
@@ -546,21 +546,30 @@ def evaluate_runs(models_dir: Path, out_dir: Path, params: EvaluateParams, track
     (out_dir / "metrics.json").write_text(json.dumps(json_ready(nested), indent=2) + "\n")
     runs = pd.DataFrame(rows)
     runs.to_csv(out_dir / "runs.csv", index=False)
-    log_group_summaries(client, runs, params.confidence)
+    summarised = log_group_summaries(client, runs, params.confidence)
+    for experiment_id in sorted({str(info["experiment_id"]) for info, _, _ in results if info.get("experiment_id")}):
+        set_cells_view(client, experiment_id, CELL_SUMMARY_COLUMNS if summarised else RUN_COLUMNS)
     return runs
 
 
-def log_group_summaries(client, runs: pd.DataFrame, confidence: float) -> None:
+# The columns `make ui` opens the runs table with: a cell's parent run's summary when cells have
+# several runs (log_group_summaries), else each run's test metrics and bootstrap interval.
+CELL_SUMMARY_COLUMNS = [f"{m}_{stat}" for m in ("test_accuracy", "test_f1_macro") for stat in ("mean", "low", "high")]
+RUN_COLUMNS = ["test_accuracy", "test_accuracy_ci_low", "test_accuracy_ci_high", "test_f1_macro",
+               "test_f1_macro_ci_low", "test_f1_macro_ci_high"]
+
+
+def log_group_summaries(client, runs: pd.DataFrame, confidence: float) -> bool:
     """On each study cell's parent run (its runs' `mlflow.parentRunId`), the mean test accuracy and
     macro-F1 over its seeds and splits at the full training set, with a t-interval: the one row
-    per cell that `mlflow ui` shows at the top."""
+    per cell that `mlflow ui` shows at the top. Gives back whether there were such cells."""
     from mlflow.entities import Metric
 
     from .analysis import cell_summary
 
     full = runs[runs["fraction"] == 1.0]
     if full.groupby(["architecture", "condition"]).size().max() < 2:
-        return  # one run per cell: no parent runs, nothing to summarise
+        return False  # one run per cell: no parent runs, nothing to summarise
     now = int(time.time() * 1000)
     for row in cell_summary(full, confidence).to_dict("records"):
         members = full[(full["architecture"] == row["architecture"]) & (full["condition"] == row["condition"])]
@@ -569,4 +578,7 @@ def log_group_summaries(client, runs: pd.DataFrame, confidence: float) -> None:
                                              for m in ("test_accuracy", "test_f1_macro")
                                              for stat in ("mean", "low", "high")}
         for parent in parents - {None}:
-            client.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if pd.notna(v)])
+            # rounded: the UI shows a metric's full float (0.7899999999999999)
+            client.log_batch(parent, metrics=[Metric(k, round(float(v), 4), now, 0)
+                                              for k, v in metrics.items() if pd.notna(v)])
+    return True

@@ -1,7 +1,9 @@
 """What `make ui` and `make serve` start, and the lines a finished run ends with.
 
-`mlflow ui` on the project's tracking store, with the direct address of the profile's runs table
-(MLflow 3 opens an experiment on a GenAI overview; the runs are at `#/experiments/<id>/runs`), and
+`mlflow ui` on the project's tracking store, with the address of the cells' view (the current runs
+with their test accuracy and macro-F1 as columns, which evaluate stores in the experiment) and of
+the profile's runs table (MLflow 3 opens an experiment on a GenAI overview unless the experiment is
+marked as model training; the runs are at `#/experiments/<id>/runs`), and
 `mlflow models serve` of the profile's @champion. Both run with this environment's bin folder
 first on PATH: `mlflow models serve` starts `uvicorn` by name, which an unactivated venv lacks.
 """
@@ -14,7 +16,7 @@ from urllib.parse import quote
 
 from .config import Params, UserError
 from .plan import profile_of
-from .tracking import PIPELINE_CURRENT_TAG, artifact_location_for
+from .tracking import CELLS_VIEW, PIPELINE_CURRENT_TAG, SHARED_VIEW_TAG_PREFIX, artifact_location_for
 
 HOST = "127.0.0.1"
 UI_PORT = 5000
@@ -22,12 +24,19 @@ SERVE_PORT = 5001
 CHAMPION_ALIAS = "champion"
 
 
+def cells_view_url(base_url: str, experiment_id: str) -> str:
+    """The experiment page opened on the cells' view that evaluate stores (tracking.set_cells_view):
+    current runs, test accuracy and macro-F1 with their intervals as columns."""
+    return f"{runs_url(base_url, experiment_id)}&viewStateShareKey={CELLS_VIEW}"
+
+
 def runs_url(base_url: str, experiment_id: str, current_only: bool = False) -> str:
     """The UI's runs table of an experiment; with current_only, filtered to the runs the pipeline's
     current state uses (evaluate.py tags them)."""
-    url = f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    # workflowType: MLflow 3.17's UI otherwise shows the GenAI view of any experiment
+    url = f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
     if current_only:
-        url += "?searchFilter=" + quote(f"tags.{PIPELINE_CURRENT_TAG} = 'true'")
+        url += "&searchFilter=" + quote(f"tags.{PIPELINE_CURRENT_TAG} = 'true'")
     return url
 
 
@@ -51,8 +60,8 @@ def _require_store(tracking_uri: str, what: str) -> None:
                         f"`make run` (or `make quick`) trains and registers first")
 
 
-def experiment_id(tracking_uri: str, name: str) -> str:
-    """The id of experiment `name` (tracking.experiment); UserError naming the fix when it has no runs yet."""
+def find_experiment(tracking_uri: str, name: str):
+    """Experiment `name` (tracking.experiment); UserError naming the fix when it has no runs yet."""
     from mlflow.tracking import MlflowClient
 
     _require_store(tracking_uri, f"experiment '{name}'")
@@ -60,7 +69,7 @@ def experiment_id(tracking_uri: str, name: str) -> str:
     if experiment is None:
         raise UserError(f"the tracking store '{tracking_uri}' has no experiment '{name}' (tracking.experiment) yet; "
                         f"train first (`make run`, or `make quick` for the quick profile)")
-    return experiment.experiment_id
+    return experiment
 
 
 def check_champion(tracking_uri: str, model_name: str) -> None:
@@ -80,11 +89,14 @@ def ui_launch(params: Params, tracking_uri: str, port: int) -> tuple[list[str], 
     """The lines `make ui` prints (the runs table's address) and the `mlflow ui` command to run;
     None when MLFLOW_TRACKING_URI names a server, which serves the UI itself."""
     name = params.tracking.experiment
-    exp_id = experiment_id(tracking_uri, name)
+    experiment = find_experiment(tracking_uri, name)
+    exp_id = experiment.experiment_id
     local = tracking_uri.startswith("sqlite:///")
     base = f"http://{HOST}:{port}" if local else tracking_uri
     lines = [f"experiment {name}: {runs_url(base, exp_id)}",
              f"the runs the pipeline's current state uses: {runs_url(base, exp_id, current_only=True)}"]
+    if SHARED_VIEW_TAG_PREFIX + CELLS_VIEW in experiment.tags:  # evaluate has run: open on the cells' numbers
+        lines.insert(0, f"the cells' test accuracy and macro-F1, with intervals: {cells_view_url(base, exp_id)}")
     return lines, ui_command(tracking_uri, port=port) if local else None
 
 

@@ -33,6 +33,11 @@ FLOAT_BYTES = 4
 # Copies of a cell's weights that stay on disk: best.pt and last.pt in its run folder, DVC's cached
 # copy of each, and the model MLflow logs.
 KEPT_WEIGHT_COPIES = 5
+# Seconds per run besides its steps and passes: the MLflow run and its dataset input, the model
+# logged, the run folder written. Measured at 2.2-2.7 s per EfficientNet-Lite0 run on the 2-core VM
+# (load average 6-9); on a small dataset this, not training, is most of a run.
+RUN_BOOKKEEPING_S = 2.5
+AFTER_TRAINING_STAGES = 3  # evaluate, report, register: one process each, after the train stages
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,6 +107,26 @@ def estimate_cell(cell: Cell, t: TrainParams, sizes: SplitSizes, timing: ModelTi
                         t.epochs * epoch_s + once_s)
 
 
+@dataclass(frozen=True)
+class Overhead:
+    """What a pipeline run costs besides training and prediction: starting each stage's process
+    (importing torch and MLflow: timed here) and each run's bookkeeping (RUN_BOOKKEEPING_S)."""
+
+    processes: int
+    process_start_s: float
+    runs: int
+
+    @property
+    def total_s(self) -> float:
+        return self.processes * self.process_start_s + self.runs * RUN_BOOKKEEPING_S
+
+
+def pipeline_overhead(cells: list[Cell], process_start_s: float) -> Overhead:
+    """One train process per (architecture, condition) with cells (dvc.yaml's train matrix), the
+    stages after training, and every run's bookkeeping."""
+    return Overhead(len({c.group for c in cells}) + AFTER_TRAINING_STAGES, process_start_s, len(cells))
+
+
 def step_seconds(batch_size: int, timed: list[tuple[int, float]]) -> float:
     """Seconds of a training step on `batch_size` images, from steps timed on growing batches
     [(images, seconds per step), ...]: the largest batch's time, extrapolated linearly beyond it
@@ -162,6 +187,18 @@ def choose_profile(requested: str | None, cuda: bool) -> tuple[str, str]:
         return "study", f"a CUDA GPU is here: the study profile ({PROFILES['study']})"
     return "quick", (f"no CUDA GPU here: the quick profile ({PROFILES['quick']}) instead of the study "
                      f"({PROFILES['study']}, days on a CPU); PROFILE=study chooses the study anyway")
+
+
+def profile_to_open(requested: str | None, cuda: bool, registered: dict[str, str]) -> tuple[str, str]:
+    """The profile `make ui` and `make serve` open, and why: the one asked for; else the one whose
+    champion was registered last (`registered`: profile → its registry/champion.json, newest
+    last), so the model served is the one just trained, whatever the machine; else as `make run`."""
+    if requested or not registered:
+        return choose_profile(requested, cuda)
+    profile, record = list(registered.items())[-1]
+    others = ", ".join(f"PROFILE={p}" for p in PROFILES if p != profile)
+    return profile, (f"the {profile} profile ({PROFILES[profile]}): its champion is the last registered ({record}); "
+                     f"{others} opens the other")
 
 
 def profile_of(params_path: str | Path) -> str | None:
@@ -363,13 +400,28 @@ class DataState:
     manifest_classes: int
 
 
+def usable_raw_images(root: Path, raw: str, validation: str) -> dict[str, int]:
+    """Images per class folder of root/raw as `data validate` counts them: files with an image
+    suffix, less those the last validation (root/validation, when there is one) excluded."""
+    import json
+
+    from .data import list_images
+
+    try:
+        excluded = set(json.loads((root / validation).read_text()).get("excluded", []))
+    except (OSError, ValueError, AttributeError):
+        excluded = set()
+    return {label: sum(p.relative_to(root).as_posix() not in excluded and str(p) not in excluded for p in paths)
+            for label, paths in list_images(root / raw).items()}
+
+
 def read_data_state(params: Params, root: Path) -> DataState:
-    """Count raw images and read the manifest's split column (no image is opened)."""
+    """Count raw images (as validate does) and read the manifest's split column (no image is opened)."""
     from .split import read_manifest
 
-    raw = root / params.paths.raw
-    class_dirs = [d for d in sorted(raw.iterdir()) if d.is_dir()] if raw.is_dir() else []
-    raw_images = sum(1 for d in class_dirs for f in d.iterdir() if f.is_file())
+    per_class = usable_raw_images(root, params.paths.raw, params.paths.validation)
+    class_dirs = [label for label, count in per_class.items() if count]
+    raw_images = sum(per_class.values())
     cropped = root / params.paths.cropped
     manifest_path = root / params.paths.manifest
     sizes, classes = None, 0
@@ -425,6 +477,7 @@ class Plan:
     estimates: list[CellEstimate]
     sizes: SplitSizes
     timing_s: float  # how long timing the models took
+    overhead: Overhead | None  # what the whole pipeline run adds to training; None: not estimated
     data: list[str]
     weights: list[WeightsStatus]
     disk: tuple[int, int, Path] | None  # needed, free, folder; None when not checked
@@ -440,14 +493,41 @@ def device_name(device) -> str:
     return device.type
 
 
+@dataclass(frozen=True)
+class ThisMachine:
+    """Where the runs train unless told otherwise: here. Checks the weights files here and times
+    the models on this machine's device (fanout.RayNode does both on a node of a Ray cluster)."""
+
+    reachable: Callable[[str], bool] = url_reachable
+
+    def check_weights(self, cells: list[Cell], t: TrainParams) -> list[WeightsStatus]:
+        return check_weights(cells, Path(t.weights_dir) if t.weights_dir else None, self.reachable)
+
+    def estimate(self, params: Params, cells: list[Cell], sizes: SplitSizes, num_classes: int,
+                 thorough: bool) -> tuple[str, list[CellEstimate]]:
+        """The device's name and each cell's estimate, timed here."""
+        from .train import pick_device  # imports MLflow's pyfunc: after the checks, which must be quick
+
+        device = pick_device()
+        return device_name(device), estimate_cells(params, cells, sizes, num_classes, device, thorough=thorough)
+
+
 def preflight(params: Params, params_path: str, root: Path, skip_data: bool = False, checks: bool = True,
-              reachable: Callable[[str], bool] | None = None) -> Plan:
+              reachable: Callable[[str], bool] | None = None, host=None) -> Plan:
     """Check data, weights and disk, then time each architecture; without `checks` (a profile
     that will not run here), time it only, and roughly.
 
     The checks run first and raise UserError at the first problem, before anything is timed.
-    `reachable` tells whether a weights URL answers (default: url_reachable).
+    `reachable` tells whether a weights URL answers (default: url_reachable). `host` is where the
+    runs train, which checks the weights and times the models: ThisMachine unless given.
     """
+    # A stage process starts by importing torch and then MLflow (train's imports): both are timed
+    # here, where they happen anyway, as the start of each stage's process.
+    started = time.perf_counter()
+    import torch  # noqa: F401  (the weights and disk checks need it)
+
+    import_s = time.perf_counter() - started
+    host = host or ThisMachine(reachable or url_reachable)
     cells = cells_for(params)
     t = params.train
     state = read_data_state(params, root)
@@ -455,19 +535,20 @@ def preflight(params: Params, params_path: str, root: Path, skip_data: bool = Fa
     data, weights, disk = [], [], None
     if checks:
         data = data_lines(state, params, skip_data)
-        weights = check_weights(cells, Path(t.weights_dir) if t.weights_dir else None, reachable or url_reachable)
+        weights = host.check_weights(cells, t)
         footprints = [footprint(c, t, max(num_classes, 2)) for c in cells]
         needed = disk_needed(footprints, store_bytes(sizes.total, {t.image_size[c.architecture] for c in cells}))
         free = shutil.disk_usage(root).free
         check_disk(needed, free, root)
         disk = (needed, free, root)
-    from .train import pick_device  # imports MLflow's pyfunc: after the checks, which must be quick
-
-    device = pick_device()
     started = time.perf_counter()
-    estimates = estimate_cells(params, cells, sizes, max(num_classes, 2), device, thorough=checks)
-    return Plan(params_path, device_name(device), estimates, sizes, time.perf_counter() - started, data, weights,
-                disk)
+    from . import train  # noqa: F401  (imports MLflow's pyfunc: after the checks, which must be quick)
+
+    import_s += time.perf_counter() - started
+    started = time.perf_counter()
+    device, estimates = host.estimate(params, cells, sizes, max(num_classes, 2), thorough=checks)
+    return Plan(params_path, device, estimates, sizes, time.perf_counter() - started,
+                pipeline_overhead(cells, import_s), data, weights, disk)
 
 
 def format_plan(plan: Plan) -> str:
@@ -484,6 +565,11 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"  total: about {format_duration(total)} of training and prediction "
                  f"({s.train} train, {s.val} val, {s.test} test images, from {s.source}; "
                  f"timed from real steps of each model here in {plan.timing_s:.0f} s)")
+    if plan.overhead:
+        o = plan.overhead
+        lines.append(f"  the whole run: about {format_duration(total + o.total_s)}, with {o.processes} stage processes "
+                     f"starting in {o.process_start_s:.0f} s each (timed here) and {o.runs} runs' MLflow logging "
+                     f"and run folders (about {RUN_BOOKKEEPING_S:g} s each)")
     if plan.data:
         lines += ["data:"] + [f"  {line}" for line in plan.data]
     if plan.weights:

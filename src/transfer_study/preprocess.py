@@ -1,17 +1,20 @@
-"""Stage `preprocess`: crop every raw image to its garment and store it as a square RGB PNG.
+"""Stage `preprocess`: crop every raw image to its object and store it as a square RGB PNG.
 
 Croppers (params.preprocess.cropper):
-- `none`: the whole image.
+- `none`: the whole image (where the whole photo is the object: portraits, buildings, flowers).
 - `foreground`: pixels far from the background colour (median of the border), bounding box of
   the main blobs. Fast; right for product shots on plain backgrounds.
-- `cam`: class-activation map of ImageNet EfficientNet-Lite0 for its garment classes, bounding
+- `cam`: class-activation map of ImageNet EfficientNet-Lite0 for its target classes, bounding
   box of its largest hot region. Coarse (a 7x7 map).
 - `proposals`: for photos with clutter. Region proposals (selective search over felzenszwalb
   segments), ranked by how object-like they are, the best few classified by Lite0; the region
-  with the best combined score is the garment. Plain-background images take `foreground`'s box.
+  with the best combined score is the object. Plain-background images take `foreground`'s box.
+The target of `cam` and `proposals` is preprocess.targets: ImageNet classes (by default the
+garments), or `objectness`: whichever region Lite0 is surest is some ImageNet object.
 
 A cropper that finds nothing, or is unsure, keeps the whole image; the summary counts and lists
-those files. The stage also draws a preview grid of sample crops with their boxes.
+those files, and warns, with the fix, when that is a large share (the cropper looks for something
+the photos do not show). The stage also draws a preview grid of sample crops with their boxes.
 Boxes are (x0, y0, x1, y1) in pixels, x1/y1 exclusive, as PIL's `Image.crop` takes them.
 """
 
@@ -58,10 +61,17 @@ DUPLICATE_IOU = 0.7  # a region whose box overlaps a better-ranked one's this mu
 PROPOSAL_CROP_SIZE = 224  # px, Lite0's input per crop, cut from the full image (192: 0.01 lower IoU, 1.36x less compute)
 # Weights of the ranking (see proposal_prior), the network's log-probability weighing 1
 PRIOR_FILL, PRIOR_EDGE, PRIOR_COLOUR_STD, PRIOR_CONTRAST, PRIOR_GRADIENT = 2.0, 7.0, 3.0, 2.0, 2.0
-# Unsure below this P(garment) of the chosen crop; those images keep the whole image and are
-# counted. Set where the low-probability tail was mostly wrong boxes: on the tuning photos it
-# flags ~2-3%, and all of those boxes had IoU < 0.5.
-MIN_GARMENT_PROBABILITY = 0.01
+# Unsure below this P(target classes) of the chosen crop; those images keep the whole image and are
+# counted. Set where the low-probability tail was mostly wrong boxes: on the tuning photos (garment
+# targets) it flags ~2-3%, and all of those boxes had IoU < 0.5.
+MIN_TARGET_PROBABILITY = 0.01
+# In objectness mode: unsure below this top-class probability of the chosen crop (no ImageNet
+# object stands out in any proposal).
+MIN_OBJECTNESS = 0.05
+# The preprocess summary warns when at least this share of the images kept the whole image (and at
+# least FEW_FOUND_MIN_IMAGES of them): the cropper looks for something these photos do not show.
+FEW_FOUND_SHARE = 0.2
+FEW_FOUND_MIN_IMAGES = 3
 # zlib level 3: 2x faster than the default 6 for ~10% larger files; PNG stays lossless either way.
 PNG_COMPRESS_LEVEL = 3
 WORKERS = max(1, min(4, os.cpu_count() or 1))
@@ -225,15 +235,58 @@ class ForegroundCropper:
         return [crop_box_foreground(img, self.threshold, self.margin) for img in images]
 
 
-def _garment_lite0():
-    """ImageNet EfficientNet-Lite0 for inference, and the index tensor of its garment classes."""
+def imagenet_categories() -> tuple[str, ...]:
+    """ImageNet-1k's 1000 class names, in index order, as torchvision lists them (no download)."""
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+    return tuple(_IMAGENET_CATEGORIES)
+
+
+def target_classes(targets: tuple[str, ...]) -> tuple[int, ...] | None:
+    """The ImageNet class indices that preprocess.targets names (groups expanded), sorted; None for
+    [objectness]. ConfigError with the closest names for a name that is neither a group nor an
+    ImageNet class (torchvision's names, which are unique)."""
+    import difflib
+
+    from .config import OBJECTNESS, TARGET_GROUPS
+    from .models import IMAGENET_GARMENT_CLASSES
+
+    if tuple(targets) == (OBJECTNESS,):
+        return None
+    groups = dict(zip(TARGET_GROUPS, (tuple(IMAGENET_GARMENT_CLASSES),)))
+    names = imagenet_categories()
+    chosen: set[int] = set()
+    for target in targets:
+        if target in groups:
+            chosen.update(groups[target])
+            continue
+        if target not in names:
+            close = difflib.get_close_matches(target, [*groups, OBJECTNESS, *names], n=3)
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+            raise ConfigError(f"preprocess.targets: {target!r} is not an ImageNet class or a group; {hint}"
+                              f"use {', '.join(TARGET_GROUPS)}, [{OBJECTNESS}], or ImageNet class names "
+                              "(`transfer-study imagenet-classes WORD` lists those with WORD in them)")
+        chosen.add(names.index(target))
+    return tuple(sorted(chosen))
+
+
+def describe_targets(targets: tuple[str, ...]) -> str:
+    """preprocess.targets in words: 'garments', 'daisy, church', 'any object (objectness)'."""
+    from .config import OBJECTNESS
+
+    return "any object (objectness)" if tuple(targets) == (OBJECTNESS,) else ", ".join(targets)
+
+
+def _target_lite0(targets: tuple[str, ...]):
+    """ImageNet EfficientNet-Lite0 for inference, and the index tensor of the target classes (None: objectness)."""
     import torch
 
-    from .models import IMAGENET_GARMENT_CLASSES, imagenet_lite0
+    from .models import imagenet_lite0
 
+    classes = target_classes(targets)  # a misspelt class fails before the network loads
     # BatchNorm folded into the convolutions and channels_last: each ~1.5x faster on CPU
     net = imagenet_lite0(fuse_batchnorm=True).to(memory_format=torch.channels_last)
-    return net, torch.tensor(sorted(IMAGENET_GARMENT_CLASSES))
+    return net, None if classes is None else torch.tensor(classes)
 
 
 def _lite0_batch(images: list[np.ndarray], size: int):
@@ -250,18 +303,21 @@ def _lite0_batch(images: list[np.ndarray], size: int):
 
 
 class CamCropper:
-    """Cropper `cam`: class-activation map of ImageNet EfficientNet-Lite0 over its garment classes.
+    """Cropper `cam`: class-activation map of ImageNet EfficientNet-Lite0 over its target classes
+    (by default the garments).
 
-    The map is the sum of the garment classes' CAMs (fc rows × the feature map before pooling),
-    weighted by their softmax among garment classes, so it follows whichever garment the
+    The map is the sum of the target classes' CAMs (fc rows × the feature map before pooling),
+    weighted by their softmax among those classes, so it follows whichever target the
     network sees. Images are resized to input_size square and run in batches.
     """
 
     name = "cam"
 
-    def __init__(self, threshold: float, margin: float, input_size: int = 224):
+    def __init__(self, threshold: float, margin: float, input_size: int = 224, targets: tuple[str, ...] = ("garments",)):
         self.threshold, self.margin, self.input_size = threshold, margin, input_size
-        self.net, classes = _garment_lite0()
+        self.net, classes = _target_lite0(targets)
+        if classes is None:
+            raise ConfigError("preprocess.targets = [objectness] needs cropper proposals; name the classes for cam")
         self.class_weights = self.net._fc.weight.detach()[classes]  # (G, 1280)
         self.class_bias = self.net._fc.bias.detach()[classes]
 
@@ -338,30 +394,37 @@ def distinct_best(boxes: np.ndarray, score: np.ndarray, count: int, max_iou: flo
 
 
 class ProposalCropper:
-    """Cropper `proposals`: the region proposal that best combines object-likeness and Lite0's garment score.
+    """Cropper `proposals`: the region proposal that best combines object-likeness and Lite0's
+    score for the targets (preprocess.targets).
 
     Per image: plain background -> `foreground`'s box. Otherwise, on a copy PROPOSAL_SIDE px long,
     the selective-search regions (regions.py) of 1-80% of the image are ranked by proposal_prior;
     the best PROPOSALS_CLASSIFIED with distinct boxes are cropped from the full image and
     classified by ImageNet EfficientNet-Lite0, and the region maximising
-    prior + log P(garment classes | crop) wins.
-    Unsure (that probability below MIN_GARMENT_PROBABILITY): None, the whole image is kept.
+    prior + log P(target classes | crop) wins; in objectness mode, prior + log of the crop's top
+    class probability (whatever the class).
+    Unsure (that probability below MIN_TARGET_PROBABILITY, or MIN_OBJECTNESS): None, the whole
+    image is kept.
     """
 
     name = "proposals"
 
-    def __init__(self, foreground_threshold: float, margin: float):
+    def __init__(self, foreground_threshold: float, margin: float, targets: tuple[str, ...] = ("garments",)):
         self.foreground_threshold, self.margin = foreground_threshold, margin
-        self.net, self.garment_classes = _garment_lite0()
+        self.net, self.target_classes = _target_lite0(targets)
+        self.min_probability = MIN_OBJECTNESS if self.target_classes is None else MIN_TARGET_PROBABILITY
 
-    def garment_probability(self, crops: list[np.ndarray]) -> np.ndarray:
-        """P(any ImageNet garment class) of each (H, W, 3) uint8 crop, classified at PROPOSAL_CROP_SIZE px."""
+    def target_probability(self, crops: list[np.ndarray]) -> np.ndarray:
+        """P(any target class) of each (H, W, 3) uint8 crop, classified at PROPOSAL_CROP_SIZE px; in
+        objectness mode, the top class's probability."""
         import torch
 
         with torch.inference_mode():
             batch = _lite0_batch(crops, PROPOSAL_CROP_SIZE)
-            logits = torch.cat([self.net(part) for part in batch.split(CAM_MICRO_BATCH)])
-            return logits.softmax(dim=1)[:, self.garment_classes].sum(dim=1).numpy()
+            probs = torch.cat([self.net(part) for part in batch.split(CAM_MICRO_BATCH)]).softmax(dim=1)
+            if self.target_classes is None:
+                return probs.max(dim=1).values.numpy()
+            return probs[:, self.target_classes].sum(dim=1).numpy()
 
     def _candidates(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The analysis copy, and the boxes and priors of its best-ranked proposals (best first)."""
@@ -382,16 +445,16 @@ class ProposalCropper:
                 small, boxes, prior = self._candidates(rgb)
                 if len(boxes):
                     pending.append((i, small, boxes, prior))
-        # crops from the full image: the network sees the garment sharper than in the small copy
+        # crops from the full image: the network sees the object sharper than in the small copy
         crops = [images[i][y0:y1, x0:x1] for i, small, boxes, _ in pending
                  for x0, y0, x1, y1 in self._full_size(boxes, small, images[i])]
-        probability = self.garment_probability(crops) if crops else np.zeros(0)
+        probability = self.target_probability(crops) if crops else np.zeros(0)
         first = 0
         for i, small, boxes, prior in pending:
             p = probability[first : first + len(boxes)]
             first += len(boxes)
             best = int(np.argmax(prior + np.log(p + 1e-6)))
-            if p[best] < MIN_GARMENT_PROBABILITY:
+            if p[best] < self.min_probability:
                 continue  # unsure: the whole image is kept, and counted
             h, w = images[i].shape[:2]
             found[i] = expand_box(self._full_size(boxes[best : best + 1], small, images[i])[0], self.margin, w, h)
@@ -410,9 +473,9 @@ def make_cropper(params: PreprocessParams) -> Cropper:
     if params.cropper == "foreground":
         return ForegroundCropper(params.foreground_threshold, params.margin)
     if params.cropper == "cam":
-        return CamCropper(params.cam_threshold, params.margin, params.cam_input_size)
+        return CamCropper(params.cam_threshold, params.margin, params.cam_input_size, params.targets)
     if params.cropper == "proposals":
-        return ProposalCropper(params.foreground_threshold, params.margin)
+        return ProposalCropper(params.foreground_threshold, params.margin, params.targets)
     raise ConfigError(f"preprocess.cropper = {params.cropper!r}; choose from {', '.join(CROPPERS)}")
 
 
@@ -447,7 +510,7 @@ def fit_square(img: Image.Image, size: int, fit: str) -> Image.Image:
 
 
 def crop_and_fit(img: Image.Image, params: PreprocessParams, cropper: Cropper) -> Image.Image:
-    """One RGB image cropped to its garment (whole image if none found) and fitted to params.size px."""
+    """One RGB image cropped to its object (whole image if none found) and fitted to params.size px."""
     rgb = np.asarray(img.convert("RGB"))
     box = cropper.boxes([rgb])[0] or whole_image_box(img.width, img.height)
     return fit_square(img.crop(box), params.size, params.fit)
@@ -559,6 +622,23 @@ class _Tally:
     fallbacks: list[str] = field(default_factory=list)
     preview_sources: set[Path] = field(default_factory=set)  # the images drawn in the preview
     tiles: list[Image.Image] = field(default_factory=list)
+    preview_owed: int = 0  # picked images that could not be read: the next readable ones stand in
+
+    def take_for_preview(self, loaded: list[_Job]) -> list[bool]:
+        """Which of a chunk's jobs the preview draws: the picked ones, an unreadable pick passing its
+        place to the next readable image, so the preview has PREVIEW_COUNT tiles whenever the data does."""
+        taken = []
+        for job in loaded:
+            picked = job.source in self.preview_sources
+            if job.image is None:
+                self.preview_owed += picked
+                taken.append(False)
+            elif not picked and self.preview_owed:
+                self.preview_owed -= 1
+                taken.append(True)
+            else:
+                taken.append(picked)
+        return taken
 
 
 def _crop_chunk(
@@ -570,10 +650,11 @@ def _crop_chunk(
     """
     loaded = list(pool.map(_load, jobs))
     tally.excluded += [{"path": str(j.source), "reason": j.error} for j in loaded if j.error]
+    in_preview = {j.source for j, taken in zip(loaded, tally.take_for_preview(loaded)) if taken}
     readable = [j for j in loaded if j.image is not None]
     boxes = cropper.boxes([np.asarray(j.image) for j in readable])
     tally.fallbacks += [str(j.source) for j, box in zip(readable, boxes) if box is None]
-    tally.tiles += [preview_tile(j.image, box) for j, box in zip(readable, boxes) if j.source in tally.preview_sources]
+    tally.tiles += [preview_tile(j.image, box) for j, box in zip(readable, boxes) if j.source in in_preview]
     full_or_box = [box or whole_image_box(*j.image.size) for j, box in zip(readable, boxes)]
     list(pool.map(_write, readable, full_or_box, [params] * len(readable)))
     return readable
@@ -616,6 +697,7 @@ def preprocess_dataset(raw: Path, out: Path, params: PreprocessParams, preview: 
         "preview": str(preview) if tally.tiles else None,
         "seconds": round(time.perf_counter() - start, 2),
     }
+    summary["warnings"] = few_found_warnings(summary, params)
     print(describe_summary(summary, out))
     if summary["written"] == 0:
         raise UserError(f"no image in '{raw}' could be preprocessed; see the excluded files above")
@@ -632,12 +714,32 @@ def write_crop_record(out: Path, params: PreprocessParams, summary: dict) -> Non
     os.replace(tmp, out / CROP_RECORD)
 
 
+def few_found_warnings(summary: dict, params: PreprocessParams) -> list[str]:
+    """A warning, with the fix, when the cropper kept the whole image of a large share of the photos
+    (FEW_FOUND_SHARE): it looks for something these photos do not show; [] otherwise."""
+    kept, total = summary["whole_image_fallbacks"], summary["written"]
+    if params.cropper == "none" or kept < FEW_FOUND_MIN_IMAGES or kept < FEW_FOUND_SHARE * total:
+        return []
+    if params.cropper == "foreground":
+        looks_for = "an object on a plain background"
+        fix = "for photos with clutter use `proposals`"
+    else:
+        looks_for = describe_targets(params.targets) + " (preprocess.targets)"
+        fix = ("for other objects set preprocess.targets (ImageNet class names, or [objectness] for any "
+               "object)")
+    return [f"{kept} of {total} images kept whole: cropper {params.cropper} looks for {looks_for} and did not "
+            f"find it there; where the whole photo is the object use preprocess.cropper: none, {fix}; set the "
+            f"same preprocess section in params.yaml and params.quick.yaml; look at {summary.get('preview') or 'the crop preview'}"]
+
+
 def read_crop_record(cropped: Path) -> PreprocessParams:
     """The settings the crops in `cropped` were made with; UserError when there is no readable record."""
+    from .config import preprocess_params
+
     path = Path(cropped) / CROP_RECORD
     try:
-        return PreprocessParams(**json.loads(path.read_text())["preprocess"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return preprocess_params(json.loads(path.read_text())["preprocess"])
+    except (OSError, ValueError, KeyError, TypeError, ConfigError) as exc:
         raise UserError(f"'{path}' does not say how the crops in '{cropped}' were made ({exc.__class__.__name__}); "
                         "rebuild them with `dvc repro preprocess`") from None
 
@@ -668,9 +770,10 @@ def describe_summary(summary: dict, out: Path) -> str:
         shown = ", ".join(summary["fallback_files"][:10])
         more = " ..." if summary["whole_image_fallbacks"] > 10 else ""
         lines.append(
-            f"  no garment found or cropper unsure, whole image kept: {summary['whole_image_fallbacks']} images "
+            f"  target not found or cropper unsure, whole image kept: {summary['whole_image_fallbacks']} images "
             f"({shown}{more})"
         )
+    lines += [f"WARNING: {warning}" for warning in summary.get("warnings", [])]
     if summary.get("preview"):
         lines.append(f"  preview of the crops: {summary['preview']}")
     if summary["excluded"]:

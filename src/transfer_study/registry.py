@@ -276,14 +276,16 @@ def split_report(probs: np.ndarray, labels: np.ndarray, temperature: float) -> d
 
 
 def write_calibration_report(val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
-                             temperature: float, out_dir: Path) -> dict:
-    """calibration.json (val and test: accuracy, macro-F1, ECE and log-loss before/after) and
-    reliability.png (test, before and after) in out_dir; gives back calibration.json's content."""
-    from .calibration import ECE_BINS, TEMPERATURE_RANGE, reliability_diagram, temperature_scaled
+                             choice, out_dir: Path) -> dict:
+    """calibration.json (the temperature served, the one fitted and, when they differ, why; val and
+    test: accuracy, macro-F1, ECE and log-loss before/after) and reliability.png (test, before and
+    after) in out_dir; gives back calibration.json's content. `choice`: a calibration.TemperatureChoice."""
+    from .calibration import ECE_BINS, reliability_diagram, temperature_scaled
 
-    # At an end of the searched range the validation set said little (e.g. it was all correct).
-    report = {"temperature": temperature, "temperature_at_bound": temperature in TEMPERATURE_RANGE,
-              "ece_bins": ECE_BINS,
+    temperature = choice.served
+    report = {"temperature": temperature, "temperature_fitted": choice.fitted,
+              "temperature_applied": choice.note is None, "temperature_note": choice.note,
+              "temperature_at_bound": choice.at_bound, "val_errors": choice.errors, "ece_bins": ECE_BINS,
               "val": split_report(*val, temperature), "test": split_report(*test, temperature)}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "calibration.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -325,7 +327,8 @@ def served_tags(spec: dict, report: dict) -> dict[str, str]:
             "run_name": "ensemble" if len(members) > 1 else members[0]["run"],
             "members": ",".join(m["run"] for m in members),
             "tta": ",".join(m["run"] for m in members if m["tta"]) or "none",
-            "temperature": f"{spec['temperature']:g}",
+            "temperature": f"{spec['temperature']:g}", "temperature_fitted": f"{report['temperature_fitted']:g}",
+            "calibration": report["temperature_note"] or "temperature fitted on validation and applied",
             "val_f1_macro": f"{report['val']['f1_macro']:.6f}", "val_accuracy": f"{report['val']['accuracy']:.6f}",
             "test_f1_macro": f"{report['test']['f1_macro']:.6f}", "test_accuracy": f"{report['test']['accuracy']:.6f}",
             "test_ece": f"{report['test']['ece_after']:.6f}"}
@@ -430,7 +433,7 @@ def promote_champion(paths: RegisterPaths, registered_model: str, tracking_uri: 
         test = served_probabilities({run: (c.test.probs, mirrored(c, "test", paths.root) if choice.tta[run] else None)
                                      for run, c in members.items()}, choice.tta)
         test_labels = next(iter(members.values())).test.labels
-        report = write_calibration_report((val, val_labels), (test, test_labels), choice.temperature, out_dir)
+        report = write_calibration_report((val, val_labels), (test, test_labels), choice.calibration, out_dir)
 
         versions = existing_versions(client, registered_model)
         run_versions = {}
@@ -449,7 +452,8 @@ def promote_champion(paths: RegisterPaths, registered_model: str, tracking_uri: 
         "kind": "ensemble" if len(choice.members) > 1 else "single",
         "members": [{"run": m["run"], "run_id": m["run_id"], "version": int(run_versions[m["run"]]),
                      "tta": m["tta"]} for m in spec["members"]],
-        "temperature": choice.temperature,
+        "temperature": choice.temperature, "temperature_fitted": choice.calibration.fitted,
+        "temperature_note": choice.calibration.note,
         "val_f1": report["val"]["f1_macro"], "val_accuracy": report["val"]["accuracy"],
         "test_f1": report["test"]["f1_macro"], "test_accuracy": report["test"]["accuracy"],
         "test_ece_before": report["test"]["ece_before"], "test_ece_after": report["test"]["ece_after"],

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .checksums import file_sha256
-from .config import Params, PreprocessParams, UserError
+from .config import Params, UserError, preprocess_params
 
 IMAGE_COLUMN = "image"
 MAX_IMAGE_PIXELS = 40_000_000  # decoded pixels per image; larger requests are refused (bomb guard)
@@ -157,7 +157,7 @@ class ImageClassifier(ServedClassifier):
         verify_weights(Path(weights), config.get("weights_sha256"))
         self.class_names = config["class_names"]
         self.image_size = config["image_size"]
-        self.preprocess = PreprocessParams(**config["preprocess"])
+        self.preprocess = preprocess_params(config["preprocess"])
         self.tta = bool(config.get(TTA, False))
         self.temperature = float(config.get(TEMPERATURE, 1.0))
         state = torch.load(weights, map_location="cpu", weights_only=True)

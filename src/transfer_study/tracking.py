@@ -40,6 +40,15 @@ TRANSIENT_ERROR_CODES = frozenset({
 MLFLOW_HTTP_RETRIES_VARIABLE = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
 # Set to "true" on the runs the pipeline's current state uses (evaluate.py moves it); the UI filters on it.
 PIPELINE_CURRENT_TAG = "pipeline_current"
+# What `make ui` opens in MLflow 3's UI. The experiment tag mlflow.experimentKind marks an experiment
+# as model training, so the UI opens on its runs table instead of the GenAI overview; a shared view
+# state (the experiment tag MLflow's own "share view" writes, opened by ?viewStateShareKey=) sets
+# the filter and the metric columns shown.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+CELLS_VIEW = "transfer-study-cells"
+# Set on a run that was left RUNNING when its node died, and marked FAILED before the run was retried.
+ABANDONED_TAG = "abandoned"
 
 
 class TrackingUnavailable(UserError):
@@ -344,6 +353,50 @@ def start_cell_run(tracking_uri: str, spec: CellRun, resume_run_id: str | None,
     return tracker, experiment_id
 
 
+def finished_run_ids(tracking_uri: str, experiment_id: str) -> set[str]:
+    """The ids of the experiment's FINISHED runs (parent runs included)."""
+    from mlflow.tracking import MlflowClient
+
+    client, ids, token = MlflowClient(tracking_uri), set(), None
+    while True:
+        page = call_with_retry("find finished runs", lambda: client.search_runs(
+            [experiment_id], "attributes.status = 'FINISHED'", max_results=1000, page_token=token))
+        ids |= {run.info.run_id for run in page}
+        token = page.token
+        if not token:
+            return ids
+
+
+def fail_abandoned_runs(tracking_uri: str, experiment: str, run_name: str, fingerprint: str) -> list[str]:
+    """Mark FAILED the RUNNING runs named `run_name` with this result fingerprint, and return their
+    ids: a run whose node died stays RUNNING, and its resume state died with that node's disk.
+    Called only where that state would be, when it is not there (fanout_node.py)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = call_with_retry("get experiment", lambda: client.get_experiment_by_name(experiment))
+    if found is None:
+        return []
+    query = (f"attributes.run_name = '{run_name}' and params.`cell.fingerprint` = '{fingerprint}' "
+             "and attributes.status = 'RUNNING'")
+    runs = call_with_retry("find abandoned runs", lambda: client.search_runs([found.experiment_id], query))
+    for run in runs:
+        run_id = run.info.run_id
+        call_with_retry("tag abandoned run", lambda: client.set_tag(run_id, ABANDONED_TAG, "its node or process died"))
+        call_with_retry("fail abandoned run", lambda: client.set_terminated(run_id, "FAILED"))
+    return [run.info.run_id for run in runs]
+
+
+def experiment_artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Where experiment `experiment`'s runs put their artifacts (fixed when it was created); None
+    when it does not exist yet."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = call_with_retry("get experiment", lambda: client.get_experiment_by_name(experiment))
+    return None if found is None else found.artifact_location
+
+
 def dataset_digest(data_md5: str, manifest) -> str:
     """`<data.dvc md5>-<split hash>`, 12 hex digits each (MLflow keeps 36 characters): it changes
     with the raw data's version and with which image is in which split."""
@@ -384,3 +437,18 @@ def git_commit(root: Path) -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def cells_view_state(metrics: list[str]) -> dict:
+    """The runs table MLflow's UI opens with: the runs the pipeline's current state uses, with
+    `metrics` as columns (MLflow's view state keys: search facets and UI state)."""
+    columns = [f"metrics.`{metric}`" for metric in metrics]
+    return {"searchFilter": f"tags.{PIPELINE_CURRENT_TAG} = 'true'", "selectedColumns": columns,
+            "columnOrder": columns, "columnWidths": {column: 20 + 7 * len(metric) for column, metric in zip(columns, metrics)}}
+
+
+def set_cells_view(client, experiment_id: str, metrics: list[str]) -> None:
+    """Mark the experiment as model training and store the cells' view (cells_view_state) in it,
+    replacing the one an earlier run stored."""
+    client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG_PREFIX + CELLS_VIEW, json.dumps(cells_view_state(metrics)))

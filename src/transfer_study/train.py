@@ -83,10 +83,9 @@ def train_cell(params: Params, cell: Cell, root: Path, tracking_uri: str, world:
     serve.requirements((params.preprocess.cropper,))  # what the logged model pins: read now, not after the last epoch
     # The crops on disk decide the preprocessing the model learns and the served model repeats.
     check_crops_match(root / params.paths.cropped, params.preprocess)
-    manifest = cell_manifest(read_manifest(root / params.paths.manifest), cell.repeat, cell.fraction)
-    fingerprint = result_fingerprint(params, cell, manifest)
+    manifest, fingerprint = cell_data(params, cell, root)
     run_dir = run_dir_for(root / params.paths.outputs / "models", cell.group, cell.variant)
-    work = WorkDir(root / CHECKPOINT_DIR / f"{cell.name}-{fingerprint}")
+    work = WorkDir.for_run(root, cell.name, fingerprint)
 
     device = world.device(pick_device())
     if device.type == "cuda":
@@ -119,7 +118,7 @@ def train_cell(params: Params, cell: Cell, root: Path, tracking_uri: str, world:
 
     tracker, experiment_id = _start_run(params, cell, root, tracking_uri, work, state,
                                         {"fingerprint": fingerprint, "image_size": size, "device": device,
-                                         "num_train": len(data.rows("train")),
+                                         "num_train": len(data.rows("train")), "world_size": world.size,
                                          "train_per_class": train_images_per_class(manifest)})
     try:
         val_rows = data.rows("val")
@@ -144,10 +143,17 @@ def train_cell(params: Params, cell: Cell, root: Path, tracking_uri: str, world:
     return run_dir
 
 
+def cell_data(params: Params, cell: Cell, root: Path) -> tuple[pd.DataFrame, str]:
+    """The cell's manifest (every row, with the split this cell uses) and its result fingerprint,
+    which names its resume state and tells a finished run of the same params (fanout.py)."""
+    manifest = cell_manifest(read_manifest(root / params.paths.manifest), cell.repeat, cell.fraction)
+    return manifest, result_fingerprint(params, cell, manifest)
+
+
 def _start_run(params: Params, cell: Cell, root: Path, tracking_uri: str, work: WorkDir, state: dict | None,
                facts: dict) -> tuple[tracking.RunTracker, str]:
     """Start the cell's MLflow run, or continue the one an interrupted attempt began (logging the
-    epochs the store missed first); `facts` holds fingerprint, image_size, device and num_train."""
+    epochs the store missed first); `facts` holds fingerprint, image_size, device, num_train and world_size."""
     device = facts["device"]
     spec = tracking.CellRun(
         experiment=params.tracking.experiment, run_name=cell.name,
@@ -160,7 +166,7 @@ def _start_run(params: Params, cell: Cell, root: Path, tracking_uri: str, work: 
               "train_per_class": f"{facts['train_per_class']:g}",
               "git_commit": tracking.git_commit(root), "dataset_md5": recorded_dataset_md5(root),
               "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-              "num_train_images": str(facts["num_train"])},
+              "num_train_images": str(facts["num_train"]), "world_size": str(facts["world_size"])},
     )
     run_id = state["run_id"] if state else work.read_run_id()
     parent = cell.group if runs_per_group(params) > 1 else None  # nested under one row per study cell
