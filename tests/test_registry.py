@@ -326,8 +326,10 @@ def test_no_validation_metrics_is_a_user_error(store, tmp_path):
     paths = project(store, tmp_path, [("resnet18-frozen-s0", 0, set(), set())])
     runs = pd.read_csv(paths.runs_csv).assign(val_f1_macro=float("nan"))
     runs.to_csv(paths.runs_csv, index=False)
-    with pytest.raises(UserError, match="validation"):
+    with pytest.raises(UserError) as error:
         promote_champion(paths, "no-val", store["uri"])
+    assert str(error.value) == ("no run has validation metrics, and the champion is chosen on validation only; "
+                                "give the split a val set (split.val in params.yaml) and rerun")
 
 
 def test_missing_runs_csv_says_to_evaluate(tmp_path, store):

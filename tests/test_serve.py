@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -503,8 +504,13 @@ def test_predict_client_reports_an_unreachable_server(tmp_path):
 
     image = tmp_path / "x.png"
     _garment("red", 0).save(image)
-    with pytest.raises(UserError, match="cannot reach"):
-        client.predict_images(f"http://127.0.0.1:{_free_port()}", [image], timeout=5)
+    url = f"http://127.0.0.1:{_free_port()}"
+    with pytest.raises(UserError) as error:
+        client.predict_images(url, [image], timeout=5)
+    # the middle is the system's reason (connection refused), worded by the OS
+    advice = "); start one with `make serve` (the champion of the profile you ran), or pass --url"
+    assert re.fullmatch(re.escape(f"cannot reach a model server at {url} (") + ".+" + re.escape(advice),
+                        str(error.value)), str(error.value)
 
 
 def test_requirements_add_what_the_cropper_needs():
