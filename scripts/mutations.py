@@ -1,195 +1,100 @@
-"""How strong are the tests? Make deliberate code changes and count those the tests catch.
+"""How strong are the tests? mutmut changes the code one small edit at a time; count the edits the tests catch.
 
-Each mutation replaces one exact snippet of one source file, in a temporary git copy of this
-working tree, and runs only the tests named for it (one mutation at a time: CPU heavy, minutes
-in all). A mutation is *caught* when those tests fail, *survives* when they pass, and is an
-*error* when pytest could not run them (a snippet that no longer matches is an error too: update
-the list when the code moves). Not part of CI.
+For each target below (a module, the functions of it that are measured, and the tests aimed at them),
+mutmut (pinned in requirements-mutation.txt, installed into .mutation-tool/ on first use) makes every
+mutant of those functions in a temporary copy of this working tree and runs, for each mutant, the
+target's tests that reach the mutated function. A mutant is *killed* when they fail (or time out),
+*survives* when they pass, and has *no tests* when none reaches it. The score is killed / all mutants.
+Survivors that no test can kill, because the edit changes nothing observable, are listed with the
+reason in tests/mutation/equivalent.yaml (by mutant name, with the edit, so a moved mutant is not
+excused by mistake). Results go to tests/mutation/scores.json and tests/mutation/scores.md (per
+target: score, time, and each survivor's edit). Not part of CI: CPU-bound, minutes to an hour a target.
 
-    python scripts/mutations.py              # every mutation; prints the table and caught/total
-    python scripts/mutations.py --list       # names, files and tests only
-    python scripts/mutations.py NAME ...     # some of them
-    python scripts/mutations.py --baseline   # first check the targeted tests pass unchanged
+    python scripts/mutations.py                  # every target
+    python scripts/mutations.py split serve      # some targets
+    python scripts/mutations.py --list           # the targets, their functions and tests
+    python scripts/mutations.py --render         # scores.md again from scores.json (equivalent.yaml edited)
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parent.parent
-PACKAGE = "src/transfer_study"
+TOOL_DIR = REPO / ".mutation-tool"
+REQUIREMENTS = REPO / "requirements-mutation.txt"
+RESULTS = REPO / "tests" / "mutation"
+PACKAGE = "transfer_study"
+# What tests read from the project root besides src/ and tests/ (mutmut runs them in mutants/).
+ALSO_COPY = ("params.yaml", "params.quick.yaml", "params.robust.yaml", "params.tuned.yaml", "references/",
+             "requirements.lock", "conda.yaml", "data.dvc", "dvc.yaml", "profiles/", "README.md", "MLproject")
+TARGET_SCORE = 0.85
 
 
 @dataclass(frozen=True)
-class Mutation:
-    name: str
+class Target:
     module: str  # file under src/transfer_study/
-    old: str  # must occur exactly once in the file
-    new: str
-    tests: tuple[str, ...]  # pytest arguments: files, node ids, -k expressions
-    promise: str  # what breaks
+    functions: tuple[str, ...]  # mutmut's names within the module: "x_<function>", "xǁ<Class>ǁ<method>"
+    tests: tuple[str, ...]  # pytest arguments that select the target's tests (node ids: -k would apply to all)
+    what: str  # what a surviving mutant would get wrong
 
 
-def _tests(file: str, keyword: str | None = None) -> tuple[str, ...]:
-    return (f"tests/{file}",) + (("-k", keyword) if keyword else ())
+FAULTS = "tests/test_faults.py::test_"
+TARGETS = {
+    "split": Target("split.py", ("*",), ("tests/test_split.py",),
+                    "which image trains, validates or tests; the learning-curve subsets"),
+    "checkpoints": Target("checkpoints.py", ("*",),
+                          ("tests/test_checkpoints.py", FAULTS + "resume_state_and_best_checkpoint_are_verified_before_use",
+                           FAULTS + "full_disk_on_a_real_filesystem_gives_a_clear_error",
+                           FAULTS + "full_disk_via_dev_full_gives_a_clear_error"),
+                          "the resume fingerprint; corrupt or partly written checkpoints"),
+    "serve-input": Target("serve.py", ("x_decode_image*", "x_images_from_request*", "x_verify_weights*",
+                                       "x_prediction_frame*"),
+                          ("tests/test_serve.py::test_request_checks_refuse_with_the_users_message",
+                           "tests/test_serve.py::test_weights_are_checked_against_the_checksum_logged_with_them",
+                           "tests/test_serve.py::test_the_answer_names_the_most_probable_class_and_every_probability",
+                           FAULTS + "corrupt_model_artifact_fails_to_load_with_a_clear_message",
+                           FAULTS + "pyfunc_refuses_paths_and_urls", FAULTS + "pyfunc_refuses_the_path_of_a_real_image",
+                           FAULTS + "pyfunc_caps_the_whole_request"),
+                          "what the served model refuses, and with which message"),
+    "config-checks": Target("config.py", ("x__*", "x_load_params*", "x_model_input_size*", "x_launch_env*",
+                                          "x_recorded_dataset_md5*", "x_retry_delay_scale*"),
+                            ("tests/test_config.py", "tests/test_distributed.py::test_launch_env_reads_torchrun_variables",
+                             FAULTS + "the_tests_backoff_scale_shortens_the_waits_not_the_budget"),
+                            "which params are refused, and the message that names them"),
+}
 
 
-RESUME = _tests("test_train.py", "interrupted_run_resumes")
-FRESH = _tests("test_train.py", "start_fresh")
-SERVE_CHECKS = ("tests/test_serve.py", "-k", "own_checks", "tests/test_faults.py", "-k", "pyfunc")
-
-MUTATIONS = (
-    # ---------------------------------------------------------------- resume and checkpoints
-    Mutation("resume-skips-restore", "train.py", "        trainer.restore(state)\n", "        pass\n", RESUME,
-             "resume restores the model"),
-    Mutation("fingerprint-constant", "checkpoints.py",
-             "    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]",
-             '    return "000000000000"', FRESH, "resume only when params and data are unchanged"),
-    Mutation("fingerprint-ignores-image-content", "checkpoints.py",
-             '"data": sorted(zip(manifest["sha256"], manifest["split"], manifest["label"])),',
-             '"data": sorted(zip(manifest["split"], manifest["label"])),', FRESH,
-             "resume only when the data are unchanged"),
-    Mutation("fingerprint-ignores-train-params", "checkpoints.py", '"train": dataclasses.asdict(params.train),',
-             '"train": {"architectures": 0, "conditions": 0, "seeds": 0},', FRESH,
-             "resume only when params are unchanged"),
-    Mutation("stale-resume-folder-not-reported", "checkpoints.py", "    return sorted(p for p in checkpoint_dir.glob",
-             "    return [] and sorted(p for p in checkpoint_dir.glob", FRESH, "a fresh start says so"),
-    Mutation("checksum-not-compared", "checkpoints.py",
-             "    if actual != expected:\n        raise UserError(f\"checkpoint '{path}' is corrupt",
-             "    if False:\n        raise UserError(f\"checkpoint '{path}' is corrupt", _tests("test_checkpoints.py"),
-             "corrupt checkpoints are refused"),
-    Mutation("load-skips-verification", "checkpoints.py", "    verify_checksum(path, expected_sha256)\n    try:",
-             "    try:", _tests("test_checkpoints.py"), "corrupt checkpoints are refused"),
-    Mutation("missing-checksum-trusted", "checkpoints.py",
-             "        if not sidecar.is_file():\n            raise",
-             "        if not sidecar.is_file():\n            return file_sha256(path)\n            raise",
-             _tests("test_checkpoints.py"), "a checkpoint without its checksum is not trusted"),
-    Mutation("best-checkpoint-not-verified-on-resume", "train.py", "            work.check_best(state)\n",
-             "            pass\n", _tests("test_faults.py", "verified_before_use"),
-             "the best checkpoint a resume names is verified"),
-    Mutation("failed-write-leaves-temp-file", "checkpoints.py",
-             "        tmp.unlink(missing_ok=True)\n        sidecar_tmp.unlink(missing_ok=True)\n",
-             "        sidecar_tmp.unlink(missing_ok=True)\n", _tests("test_faults.py", "full_disk"),
-             "a full disk leaves no temp files and the old checkpoint intact"),
-    Mutation("resume-skips-missing-epochs", "tracking.py", '            if row["epoch"] not in logged:',
-             "            if False:", _tests("test_faults.py", "epochs_the_store_missed"),
-             "a resume logs the epochs the store missed"),
-    # ---------------------------------------------------------------- evaluate
-    Mutation("mcnemar-exact-below-24", "inference.py", "EXACT_MCNEMAR_BELOW = 25", "EXACT_MCNEMAR_BELOW = 24",
-             _tests("test_inference.py", "mcnemar"), "McNemar is exact below 25"),
-    Mutation("mcnemar-exact-below-26", "inference.py", "EXACT_MCNEMAR_BELOW = 25", "EXACT_MCNEMAR_BELOW = 26",
-             _tests("test_inference.py", "mcnemar"), "McNemar is exact below 25"),
-    Mutation("mcnemar-no-continuity-correction", "inference.py", "statistic = max(abs(b - c) - 1, 0) ** 2 / (b + c)",
-             "statistic = (b - c) ** 2 / (b + c)", _tests("test_inference.py", "mcnemar"),
-             "chi-square with continuity correction"),
-    Mutation("mcnemar-correction-below-zero", "inference.py", "statistic = max(abs(b - c) - 1, 0) ** 2 / (b + c)",
-             "statistic = (abs(b - c) - 1) ** 2 / (b + c)", _tests("test_inference.py", "mcnemar"),
-             "b = c gives p = 1"),
-    Mutation("mcnemar-one-sided", "inference.py", "stats.binomtest(b, b + c, 0.5).pvalue",
-             'stats.binomtest(b, b + c, 0.5, alternative="greater").pvalue', _tests("test_inference.py", "mcnemar"),
-             "two-sided p-value"),
-    Mutation("bootstrap-one-tail-interval", "inference.py", "tail = (1 - confidence) / 2 * 100",
-             "tail = (1 - confidence) * 100", _tests("test_inference.py", "bootstrap or percentile"),
-             "a central 95% interval"),
-    Mutation("bootstrap-first-chunk-repeated", "inference.py",
-             "parts = [metric_fn(weights[i:i + chunk], y_true, y_pred, proba) for i in range(0, n, chunk)]",
-             "parts = [metric_fn(weights[:chunk][:len(weights[i:i + chunk])], y_true, y_pred, proba) "
-             "for i in range(0, n, chunk)]", _tests("test_inference.py", "bootstrap"),
-             "every resample counts once"),
-    Mutation("accuracy-interval-by-percentile-bootstrap", "inference.py", 'if name == "accuracy"', "if False",
-             _tests("test_inference.py", "wilson"), "an accuracy interval never collapses to a point"),
-    # ---------------------------------------------------------------- inference
-    Mutation("seeds-counted-as-units", "inference.py", "assign(unit=runs[units.column],",
-             'assign(unit=runs[units.column].astype(str) + "-" + runs["seed"].astype(str),',
-             _tests("test_inference.py", "unit or simulat or clustered"), "seeds are averaged into their unit"),
-    Mutation("no-split-correction", "inference.py",
-             "factor = 1 / n + (np.asarray(test_over_train, dtype=float) if split_units else 0.0)", "factor = 1 / n",
-             _tests("test_inference.py", "split or clustered"), "overlapping splits get the corrected variance"),
-    Mutation("no-holm-correction", "inference.py",
-             'table.loc[primary_rows, "p_adjusted"] = holm(table.loc[primary_rows, "p"].to_numpy())',
-             'table.loc[primary_rows, "p_adjusted"] = table.loc[primary_rows, "p"]',
-             _tests("test_inference.py", "primary"), "the primary family is Holm-corrected"),
-    Mutation("one-class-runs-averaged-in", "inference.py", 'flagged = runs["single_class"].astype(bool)',
-             'flagged = runs["single_class"].astype(bool) & False', _tests("test_inference.py", "single_class"),
-             "single-class runs are kept out of verdicts"),
-    Mutation("best-cell-chosen-on-test", "inference.py",
-             'per_unit = at.groupby(["architecture", "condition", "replicate", "repeat"])["val_accuracy"].mean()',
-             'per_unit = at.groupby(["architecture", "condition", "replicate", "repeat"])["test_accuracy"].mean()',
-             _tests("test_inference.py", "validation"), "the best cells are chosen on validation"),
-    Mutation("two-units-decide", "inference.py", "MIN_UNITS = 3", "MIN_UNITS = 2",
-             _tests("test_inference.py", "too_few"), "fewer than 3 units decide nothing"),
-    Mutation("evaluate-logs-to-a-missing-run", "evaluate.py", "        client.get_run(run_id)\n    except MlflowException:",
-             "        pass\n    except MlflowException:", _tests("test_evaluate.py", "store_lacks"),
-             "evaluate names a run the store lacks"),
-    Mutation("predictions-label-out-of-range", "evaluate.py", "not values.between(0, num_classes - 1).all()",
-             "not values.between(0, num_classes).all()", _tests("test_evaluate.py"),
-             "predictions.csv holds class indices only"),
-    # ---------------------------------------------------------------- split
-    Mutation("split-keeps-ambiguous-content", "split.py", 'kept = items[~items["sha256"].isin(ambiguous)]',
-             "kept = items", _tests("test_split.py"), "content under two labels is excluded"),
-    Mutation("split-ignores-seed", "split.py", "return np.random.RandomState(seed if repeat == 0 else [seed, repeat])",
-             "return np.random.RandomState(0 if repeat == 0 else [seed, repeat])", _tests("test_split.py"), "the split follows its seed"),
-    Mutation("split-sizes-round-down", "split.py", "val = max(1, math.floor(n * params.val + 0.5))",
-             "val = max(1, math.floor(n * params.val))", _tests("test_split.py"),
-             "split sizes within one image of the ratios"),
-    Mutation("manifest-without-val-accepted", "split.py", '    for split in ("train", "val"):',
-             '    for split in ("train",):', _tests("test_split.py"), "a manifest without val rows is refused"),
-    # ---------------------------------------------------------------- registry
-    Mutation("champion-chosen-on-test", "registry.py", '["val_f1_macro", "_acc", "run"]',
-             '["test_f1_macro", "_acc", "run"]', _tests("test_registry.py"), "champion chosen on validation"),
-    Mutation("champion-ties-prefer-lower-accuracy", "registry.py", "ascending=[False, False, True]",
-             "ascending=[False, True, True]", _tests("test_registry.py"), "ties break on accuracy, then name"),
-    Mutation("former-champion-not-previous", "registry.py",
-             "            client.set_registered_model_alias(name, PREVIOUS, former)", "            pass",
-             _tests("test_registry.py"), "the former champion becomes @previous"),
-    Mutation("rerun-registers-again", "registry.py",
-             "    return min(matches, key=lambda v: int(v.version)) if matches else None", "    return None",
-             _tests("test_registry.py"), "a rerun registers nothing new"),
-    # ---------------------------------------------------------------- serve's input checks
-    Mutation("serve-no-column-check", "serve.py", "        if IMAGE_COLUMN not in model_input.columns:",
-             "        if False:", SERVE_CHECKS, "a request without the image column is a 400 saying so"),
-    Mutation("serve-base64-not-validated", "serve.py", "base64.b64decode(value, validate=True)",
-             "base64.b64decode(value)", SERVE_CHECKS, "bad base64 is refused as such"),
-    Mutation("serve-empty-string-accepted", "serve.py", "if not isinstance(value, str) or not value.strip():",
-             "if not isinstance(value, str):", SERVE_CHECKS, "an empty image is refused as such"),
-    Mutation("serve-no-request-cap", "serve.py", "    if total > MAX_REQUEST_BASE64_CHARS:", "    if False:",
-             SERVE_CHECKS, "the 64 M-character request cap"),
-    Mutation("serve-no-image-cap", "serve.py", "    if len(value) > MAX_IMAGE_BASE64_CHARS:", "    if False:",
-             SERVE_CHECKS, "the 40 M-character image cap"),
-    Mutation("serve-bad-request-not-400", "serve.py", "        except BadRequest as exc:",
-             "        except ZeroDivisionError as exc:", SERVE_CHECKS, "bad input is an HTTP 400 with our message"),
-    Mutation("serve-weights-not-verified", "serve.py", "    if actual != expected:\n        raise CorruptModel",
-             "    if False:\n        raise CorruptModel", _tests("test_faults.py", "corrupt_model"),
-             "a corrupt model artifact is refused"),
-    # ---------------------------------------------------------------- tracking
-    Mutation("cannot-continue-run-raw-error", "tracking.py", "        if resume_run_id is None:\n            raise\n",
-             "        raise\n", _tests("test_faults.py", "cannot_be_continued"),
-             "a run that cannot be continued names the folder to delete"),
-    Mutation("deleted-run-not-checked", "tracking.py",
-             "        if resume_run_id is not None:\n            _check_not_deleted(tracking_uri, resume_run_id)\n", "",
-             _tests("test_faults.py", "cannot_be_continued"), "a deleted run is named, not retried for 2 minutes"),
-    Mutation("new-store-created-without-lock", "tracking.py", "        fcntl.flock(lock, fcntl.LOCK_EX)\n", "",
-             _tests("test_tracking_server.py", "concurrent"), "processes sharing a new SQLite store all succeed"),
-    Mutation("permanent-errors-retried", "tracking.py", "        return exc.error_code in TRANSIENT_ERROR_CODES",
-             "        return True", _tests("test_faults.py", "retr"), "permanent tracking errors are not retried"),
-    Mutation("mlflow-run-env-run-continued", "tracking.py", "        if run_id is None:\n            # Created here",
-             "        if False:\n            # Created here",
-             _tests("test_pipeline.py", "mlflow_run_main"), "`mlflow run -e main` records cells in the study's experiment"),
-)
+def install_tool() -> dict[str, str]:
+    """mutmut in .mutation-tool/ (installed once per requirements-mutation.txt); gives the environment to run it in."""
+    stamp = TOOL_DIR / "installed-from.txt"
+    if not stamp.is_file() or stamp.read_text() != REQUIREMENTS.read_text():
+        shutil.rmtree(TOOL_DIR, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(TOOL_DIR),
+                        "-r", str(REQUIREMENTS)], check=True)
+        stamp.write_text(REQUIREMENTS.read_text())
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "MLFLOW_TRACKING_URI")}
+    env["PYTHONPATH"] = os.pathsep.join([str(TOOL_DIR), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads slow a shared CPU (Makefile)
+    return env
 
 
 def copy_worktree(dest: Path) -> Path:
-    """The tracked and untracked (not ignored) files of this working tree, committed in a new git repo
-    (tests copy the repository with `git ls-files`)."""
+    """The tracked and untracked (not ignored) files of this working tree."""
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                             capture_output=True, text=True, check=True).stdout.splitlines()
     for name in listed:
@@ -197,96 +102,155 @@ def copy_worktree(dest: Path) -> Path:
         if source.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest / name)
-    git = ["git", "-c", "user.name=mutations", "-c", "user.email=mutations@localhost"]
-    for command in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "copy"]):
-        subprocess.run(git + command, cwd=dest, check=True)
     return dest
 
 
-def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, float, str]:
-    """Run pytest on `tests` in the copy, its src first on the path; gives (exit code, seconds, output tail)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("CI", "MLFLOW_TRACKING_URI")}
-    env["PYTHONPATH"] = str(copy / "src")
-    # pytest takes one -k; several test files each with their own -k run as separate invocations.
-    groups, current = [], []
-    for arg in tests:
-        if arg.startswith("tests/") and "-k" in current:
-            groups.append(current)
-            current = []
-        current.append(arg)
-    groups.append(current)
-    started, code, tail = time.monotonic(), 0, ""
-    for group in groups:
-        try:
-            done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                                   "-m", "slow or not slow", *group], cwd=copy, env=env, capture_output=True,
-                                  text=True, timeout=timeout)
-            code, tail = done.returncode, (done.stdout + done.stderr)[-1500:]
-        except subprocess.TimeoutExpired:
-            code, tail = 1, f"timed out after {timeout:.0f}s"  # a hang is a failing test
-        if code != 0:
-            break
-    return code, time.monotonic() - started, tail
+def write_config(copy: Path, target: Target) -> None:
+    """mutmut's settings for one target, in the copy's setup.cfg (pyproject.toml has no [tool.mutmut])."""
+    def lines(values) -> str:
+        return "".join(f"\n    {v}" for v in values)
+
+    (copy / "setup.cfg").write_text(
+        "[mutmut]\n"
+        "source_paths=src/\n"
+        f"only_mutate=src/{PACKAGE}/{target.module}\n"
+        f"pytest_add_cli_args_test_selection={lines(target.tests)}\n"
+        f"pytest_add_cli_args={lines(['-p', 'no:cacheprovider', '-m', 'slow or not slow'])}\n"
+        f"also_copy={lines(ALSO_COPY)}\n"
+        # torch is not fork-safe once it has run: workers fork from a process that only imported the tests
+        "process_isolation=forkserver\n"
+    )
 
 
-def apply(copy: Path, mutation: Mutation) -> str | None:
-    """Apply the mutation; gives back the original text, or None when the snippet does not match once."""
-    path = copy / PACKAGE / mutation.module
-    text = path.read_text()
-    if text.count(mutation.old) != 1:
-        return None
-    path.write_text(text.replace(mutation.old, mutation.new))
-    return text
+def mutant_names(target: Target) -> list[str]:
+    stem = f"{PACKAGE}.{target.module.removesuffix('.py')}"
+    return [f"{stem}.{pattern}" for pattern in target.functions]
+
+
+def run_target(name: str, target: Target, env: dict, max_children: int) -> dict:
+    """Run mutmut on one target in a fresh copy; gives back its result entry."""
+    with tempfile.TemporaryDirectory(prefix=f"mutations-{name}-") as tmp:
+        copy = copy_worktree(Path(tmp))
+        write_config(copy, target)
+        mutmut = [sys.executable, "-m", "mutmut"]
+        started = time.monotonic()
+        done = subprocess.run(mutmut + ["run", "--max-children", str(max_children), *mutant_names(target)],
+                              cwd=copy, env=env, capture_output=True, text=True)
+        seconds = time.monotonic() - started
+        meta = copy / "mutants" / "src" / PACKAGE / f"{target.module}.meta"
+        if done.returncode != 0 or not meta.is_file():
+            tail = (done.stdout + done.stderr).replace("\r", "\n")[-3000:]
+            sys.exit(f"mutmut failed on target {name} (exit {done.returncode}):\n{tail}")
+        sys.path.insert(0, str(TOOL_DIR))
+        from mutmut.stats import status_by_exit_code
+
+        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        chosen = {m: status_by_exit_code[c] for m, c in codes.items()
+                  if any(fnmatch.fnmatchcase(m, p + "__mutmut_*") or fnmatch.fnmatchcase(m, p)
+                         for p in mutant_names(target))}
+        survivors = {}
+        for mutant, status in sorted(chosen.items(), key=lambda item: natural_key(item[0])):
+            if status not in ("killed", "timeout"):
+                shown = subprocess.run(mutmut + ["show", mutant], cwd=copy, env=env, capture_output=True,
+                                       text=True).stdout
+                edit = [line for line in shown.splitlines()
+                        if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+                survivors[mutant] = {"status": status, "edit": edit}
+    killed = sum(status in ("killed", "timeout") for status in chosen.values())
+    return {"module": target.module, "functions": list(target.functions), "tests": " ".join(target.tests),
+            "what": target.what, "mutants": len(chosen), "killed": killed,
+            "score": round(killed / max(len(chosen), 1), 4), "minutes": round(seconds / 60, 1),
+            "survivors": survivors, "date": date.today().isoformat(), "commit": git_commit(),
+            "machine": f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end",
+            "tool": REQUIREMENTS.read_text().split("mutmut==")[1].split()[0]}
+
+
+def natural_key(mutant: str) -> tuple:
+    stem, _, number = mutant.rpartition("__mutmut_")
+    return stem, int(number) if number.isdigit() else 0
+
+
+def git_commit() -> str:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    dirty = subprocess.run(["git", "status", "--porcelain", "src", "tests"], cwd=REPO, capture_output=True,
+                           text=True).stdout
+    return head.strip() + ("+changes" if dirty.strip() else "")
+
+
+def load_equivalent() -> dict:
+    path = RESULTS / "equivalent.yaml"
+    return yaml.safe_load(path.read_text()) or {} if path.is_file() else {}
+
+
+def render(results: dict, equivalent: dict) -> str:
+    """scores.md: a table of the targets, then each survivor's edit and, when known, why it is equivalent."""
+    out = ["# Mutation scores", "",
+           "Written by `python scripts/mutations.py` (mutmut; see the script's docstring). Killed: the target's "
+           "tests failed or timed out under the mutant. Times are wall clock on the machine named, which may "
+           "have been shared.", "",
+           "| target | module | mutants | killed | score | equivalent survivors | minutes | run |",
+           "|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        excused = sum(1 for m, s in r["survivors"].items() if _excused(m, s, equivalent))
+        out.append(f"| {name} | {r['module']} | {r['mutants']} | {r['killed']} | {r['score']:.1%} | {excused} | "
+                   f"{r['minutes']} | {r['date']}, {r['commit']}, mutmut {r['tool']}, {r['machine']} |")
+    for name, r in results.items():
+        out += ["", f"## {name}: {r['module']} ({r['what']})", "",
+                f"Functions: `{'`, `'.join(r['functions'])}`. Tests: `{r['tests']}`.", ""]
+        if not r["survivors"]:
+            out.append("No survivors.")
+        for mutant, survivor in r["survivors"].items():
+            reason = _excused(mutant, survivor, equivalent)
+            out.append(f"- `{mutant}` ({survivor['status']}{': equivalent, ' + reason if reason else ''})")
+            out += [f"  `{line.strip()}`" for line in survivor["edit"]]
+    return "\n".join(out) + "\n"
+
+
+def _excused(mutant: str, survivor: dict, equivalent: dict) -> str | None:
+    """The recorded reason why a survivor is equivalent, when its edit is still the recorded one."""
+    entry = equivalent.get(mutant)
+    if entry and [line.strip() for line in entry["edit"]] == [line.strip() for line in survivor["edit"]]:
+        return entry["why"]
+    return None
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("names", nargs="*", help="mutations to run (default: all)")
-    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
-    parser.add_argument("--baseline", action="store_true", help="first run every targeted test unchanged")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds per pytest run (default 600)")
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("targets", nargs="*", help=f"targets to run (default: all of {', '.join(TARGETS)})")
+    parser.add_argument("--list", action="store_true", help="list the targets and exit")
+    parser.add_argument("--render", action="store_true",
+                        help="only rewrite scores.md from scores.json (after editing equivalent.yaml)")
+    parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2, help="mutants tested at once")
     args = parser.parse_args()
-    unknown = set(args.names) - {m.name for m in MUTATIONS}
+    unknown = set(args.targets) - set(TARGETS)
     if unknown:
-        parser.error(f"unknown mutation(s): {', '.join(sorted(unknown))}; see --list")
-    chosen = [m for m in MUTATIONS if not args.names or m.name in args.names]
+        parser.error(f"unknown target(s): {', '.join(sorted(unknown))}; see --list")
+    chosen = {name: TARGETS[name] for name in args.targets or TARGETS}
     if args.list:
-        for m in chosen:
-            print(f"{m.name:40} {m.module:15} {' '.join(m.tests)}")
+        for name, t in chosen.items():
+            print(f"{name:14} {t.module:15} {' '.join(t.functions):50} {' '.join(t.tests)}")
         return 0
+    if platform.system() == "Windows":
+        sys.exit("mutmut needs fork: run this under Linux, macOS or WSL")
 
-    results = []
-    with tempfile.TemporaryDirectory(prefix="mutations-") as tmp:
-        copy = copy_worktree(Path(tmp) / "repo")
-        if args.baseline:
-            for tests in dict.fromkeys(m.tests for m in chosen):
-                code, seconds, tail = run_tests(copy, tests, args.timeout)
-                print(f"baseline {' '.join(tests)}: exit {code} ({seconds:.0f}s)", flush=True)
-                if code != 0:
-                    print(tail)
-                    return 2
-        for m in chosen:
-            original = apply(copy, m)
-            if original is None:
-                outcome, seconds, tail = "error", 0.0, f"snippet not found exactly once in {m.module}"
-            else:
-                try:
-                    code, seconds, tail = run_tests(copy, m.tests, args.timeout)
-                finally:
-                    (copy / PACKAGE / m.module).write_text(original)
-                outcome = {0: "SURVIVED", 1: "caught"}.get(code, "error")
-            results.append({"name": m.name, "module": m.module, "outcome": outcome, "seconds": round(seconds),
-                            "promise": m.promise, "tests": " ".join(m.tests)})
-            print(f"{outcome:9} {m.name:40} {m.module:15} {seconds:5.0f}s  {m.promise}", flush=True)
-            if outcome == "error":
-                print("    " + tail.strip().replace("\n", "\n    "))
-    caught = sum(r["outcome"] == "caught" for r in results)
-    print(f"\ncaught {caught}/{len(results)} ({caught / max(len(results), 1):.0%}); "
-          f"survived {sum(r['outcome'] == 'SURVIVED' for r in results)}, "
-          f"errors {sum(r['outcome'] == 'error' for r in results)}")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    scores = RESULTS / "scores.json"
+    results = json.loads(scores.read_text()) if scores.is_file() else {}
+    if args.render:
+        (RESULTS / "scores.md").write_text(render(results, load_equivalent()))
+        return 0
+    env = install_tool()
+    for name, target in chosen.items():
+        print(f"{name}: mutating {target.module} ({', '.join(target.functions)}) ...", flush=True)
+        results[name] = run_target(name, target, env, args.max_children)
+        r = results[name]
+        print(f"{name}: {r['killed']}/{r['mutants']} killed ({r['score']:.1%}) in {r['minutes']} min", flush=True)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        ordered = {n: results[n] for n in TARGETS if n in results}
+        scores.write_text(json.dumps(ordered, indent=2, ensure_ascii=False) + "\n")
+        (RESULTS / "scores.md").write_text(render(ordered, load_equivalent()))
+    low = [n for n in chosen if results[n]["score"] < TARGET_SCORE]
+    if low:
+        print(f"below {TARGET_SCORE:.0%}: {', '.join(low)}")
     return 0
 
 

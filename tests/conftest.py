@@ -214,3 +214,12 @@ def tiny_params(base=None, **train_overrides):
     train = dataclasses.replace(train, **train_overrides)
     return dataclasses.replace(base, train=train, preprocess=dataclasses.replace(PreprocessParams(), size=80),
                                paths=dataclasses.replace(base.paths, outputs="out"))
+
+
+@pytest.fixture(scope="session")
+def reproduced_repo(tmp_path_factory):
+    """A repository copy with a tiny dataset versioned and `dvc repro` run, once per test run (repo.py);
+    a test that changes anything works on `repo.copy_reproduced` of it."""
+    from repo import reproduce
+
+    return reproduce(tmp_path_factory.mktemp("reproduced") / "repo")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 from conftest import tiny_params
@@ -17,8 +18,12 @@ def test_cells_for_respects_exclude_and_filters():
     names = [c.name for c in cells.cells_for(params)]
     assert names == ["efficientnet_lite0-scratch-s0", "efficientnet_lite0-frozen-s0", "resnet18-scratch-s0"]
     assert [c.name for c in cells.cells_for(params, "resnet18", "frozen")] == []
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=re.escape("--arch vgg19 is not in train.architectures "
+                                                  "['efficientnet_lite0', 'resnet18']")):
         cells.cells_for(params, "vgg19")
+    with pytest.raises(UserError, match=re.escape("--condition finetune is not in train.conditions "
+                                                  "['scratch', 'frozen']")):
+        cells.cells_for(params, "resnet18", "finetune")
 
 
 def test_pretrained_architectures_are_those_of_pretrained_cells_not_excluded():

@@ -165,11 +165,13 @@ def test_the_study_profile_keeps_the_study_s_six_cells_and_adds_a_small_cnn_scra
 
 
 def test_missing_or_broken_params_file(tmp_path):
-    with pytest.raises(ConfigError, match="not found"):
+    missing = f"params file '{tmp_path / 'nope.yaml'}' not found; run from the project root or pass --params"
+    with pytest.raises(ConfigError, match=f"^{re.escape(missing)}$"):
         config.load_params(tmp_path / "nope.yaml")
     broken = tmp_path / "broken.yaml"
     broken.write_text("train: [unclosed")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match=f"^{re.escape(f'params file {str(broken)!r} is not valid YAML: ')}"
+                                          "while parsing a flow sequence"):
         config.load_params(broken)
 
 

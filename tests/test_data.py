@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 import shutil
 import struct
 import urllib.error
@@ -89,8 +90,10 @@ def test_a_different_seed_chooses_different_images(tmp_path):
 
 
 def test_non_garment_class_is_rejected(tmp_path):
-    with pytest.raises(ConfigError, match="sandal"):
+    with pytest.raises(ConfigError) as error:
         fetch_dataset(tmp_path, DataParams(classes=("coat", "sandal")))
+    assert str(error.value) == ("data.classes: sandal not in Fashion-MNIST's garments; choose from t-shirt_top, "
+                                "trouser, pullover, dress, coat, shirt")
     assert not tmp_path.joinpath("coat").exists()
 
 
@@ -570,10 +573,11 @@ def test_validate_and_report_writes_then_fails_on_errors(raw, tmp_path, capsys):
     assert json.loads(out.read_text())["passed"] is True
     (raw / "a" / "notes.jpg").write_bytes(b"text")
     data.validate_and_report(raw, out, ValidateParams())  # a warning alone passes
-    with pytest.raises(UserError, match="1 error"):
+    failed = f"dataset validation failed with 1 error(s); fix them (see {out}) and run it again"
+    with pytest.raises(UserError, match=f"^{re.escape(failed)}$"):
         data.validate_and_report(raw, out, ValidateParams(), strict=True)
     assert json.loads(out.read_text())["passed"] is False
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=f"^{re.escape(failed)}$"):  # validate.strict, as --strict
         data.validate_and_report(raw, out, ValidateParams(strict=True))
     assert "notes.jpg" in capsys.readouterr().out
 

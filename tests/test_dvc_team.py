@@ -3,52 +3,32 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import FMNIST_DIR
-from test_pipeline import _commit, _env, _run, _tiny_params, copy_repo
+from repo import DVC, commit, copy_reproduced, run_tool, tool_env
 
-BIN = Path(sys.executable).parent
-DVC = str(BIN / "dvc")
 CELL = "models/efficientnet_lite0-frozen"
-
-
-@pytest.fixture(scope="module")
-def reproduced_repo(tmp_path_factory) -> Path:
-    """A repository copy whose tiny dataset is versioned (data.dvc) and whose pipeline has run
-    (dvc.lock, metrics and reports committed): what a team member pushes."""
-    if not FMNIST_DIR.is_dir():
-        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
-    root = copy_repo(tmp_path_factory.mktemp("team") / "repo")
-    (root / "data.dvc").unlink()  # a smaller dataset than the committed version
-    _tiny_params(root)
-    env = _env(root)
-    _run([str(BIN / "transfer-study"), "data", "fetch"], root, env)
-    _run([DVC, "add", "-q", "data/raw"], root, env)
-    _run([DVC, "repro"], root, env)
-    _commit(root, "tiny dataset and its pipeline run")
-    return root
 
 
 @pytest.mark.slow
 def test_push_then_pull_on_a_fresh_clone(reproduced_repo, tmp_path):
     """`dvc push` to a remote, then a fresh clone's `dvc pull` brings back raw data, crops and
-    models, and the clone's pipeline is up to date."""
-    root, env = reproduced_repo, _env(reproduced_repo)
+    models, and the clone's pipeline is up to date (the session's reproduced repository, copied)."""
+    root = copy_reproduced(reproduced_repo, tmp_path / "repo")
+    env = tool_env(root)
     remote = tmp_path / "remote"
-    _run([DVC, "remote", "add", "-d", "storage", str(remote)], root, env)
-    _commit(root, "DVC remote")
-    _run([DVC, "push"], root, env)
+    run_tool([DVC, "remote", "add", "-d", "storage", str(remote)], root, env)
+    commit(root, "DVC remote")
+    run_tool([DVC, "push"], root, env)
     assert any(p.is_file() for p in (remote / "files" / "md5").rglob("*")), "dvc push stored nothing"
 
     clone = tmp_path / "clone"
-    _run(["git", "clone", "-q", str(root), str(clone)], tmp_path)
+    run_tool(["git", "clone", "-q", str(root), str(clone)], tmp_path)
     assert not (clone / "data/raw").exists()
-    _run([DVC, "pull"], clone, env)
-    status = _run([DVC, "status", "dvc.yaml"], clone, env)  # the study's pipeline; the quick profile's never ran
+    run_tool([DVC, "pull"], clone, env)
+    status = run_tool([DVC, "status", "dvc.yaml"], clone, env)  # the study's pipeline; the quick profile's never ran
     assert "up to date" in status.stdout, status.stdout
 
     assert len(list((clone / "data/raw").glob("*/*.png"))) == 36
@@ -76,31 +56,32 @@ def test_tracking_uri_follows_dvc_root(tmp_path, monkeypatch):
 
 
 def _queue_status(root: Path, env: dict) -> str:
-    return _run([DVC, "queue", "status"], root, env).stdout
+    return run_tool([DVC, "queue", "status"], root, env).stdout
 
 
 @pytest.mark.slow
-def test_queued_experiments_record_every_run_in_the_repository_store(reproduced_repo):
+def test_queued_experiments_record_every_run_in_the_repository_store(reproduced_repo, tmp_path):
     """`dvc exp run --queue` + `dvc queue start -j 2`: each experiment runs in a temporary copy
     that is deleted afterwards, yet its runs, metrics and model files stay in the repository's
     MLflow store (config.tracking_uri follows DVC_ROOT)."""
     from mlflow.artifacts import download_artifacts
     from mlflow.tracking import MlflowClient
 
-    root, env = reproduced_repo, _env(reproduced_repo)
+    root = copy_reproduced(reproduced_repo, tmp_path / "repo")
+    env = tool_env(root)
     experiment = "transfer-study-queue"  # new: the queued runs create it, both at once
     for seed in (1, 2):
-        _run([DVC, "exp", "run", "--queue", "-n", f"seed{seed}", "-S", f"train.seeds=[{seed}]",
+        run_tool([DVC, "exp", "run", "--queue", "-n", f"seed{seed}", "-S", f"train.seeds=[{seed}]",
               "-S", f"tracking.experiment={experiment}"], root, env)
-    _run([DVC, "queue", "start", "-j", "2"], root, env)
+    run_tool([DVC, "queue", "start", "-j", "2"], root, env)
     try:
         deadline = time.monotonic() + 900
         while ("Queued" in (status := _queue_status(root, env)) or "Running" in status) and time.monotonic() < deadline:
             time.sleep(5)
     finally:
-        _run([DVC, "queue", "stop"], root, env, check=False)
-    assert status.count("Success") == 2, status + _run([DVC, "queue", "logs", "seed1"], root, env, check=False).stdout
-    exps = _run([DVC, "exp", "list", "--name-only"], root, env).stdout.split()
+        run_tool([DVC, "queue", "stop"], root, env, check=False)
+    assert status.count("Success") == 2, status + run_tool([DVC, "queue", "logs", "seed1"], root, env, check=False).stdout
+    exps = run_tool([DVC, "exp", "list", "--name-only"], root, env).stdout.split()
     assert sorted(exps) == ["seed1", "seed2"]
 
     store = f"sqlite:///{root / 'mlflow.db'}"

@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -28,7 +29,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UN
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from transfer_study import checkpoints, checksums, client, models, serve, tracking, train
+from transfer_study import checkpoints, checksums, client, config, models, serve, tracking, train
 from transfer_study.config import UserError
 from transfer_study.cells import Cell
 from transfer_study.trainer import Trainer
@@ -143,6 +144,27 @@ def test_tracking_calls_retry_with_backoff_and_say_so(capsys):
     assert waits == [1.0, 2.0]
     err = capsys.readouterr().err
     assert err.count("tracking store unavailable (log metrics") == 2 and "retry 2 in 2.0s" in err
+
+
+def test_the_tests_backoff_scale_shortens_the_waits_not_the_budget(monkeypatch):
+    """TRANSFER_STUDY_RETRY_DELAY_SCALE (tests only, read by config.py) scales each wait and the cap."""
+    def refused():
+        raise MlflowException("API request failed: connection refused")
+
+    waits: list[float] = []
+    policy = tracking.RetryPolicy(budget_s=60.0, first_delay_s=1.0, max_delay_s=4.0)
+    monkeypatch.setenv(config.RETRY_DELAY_SCALE_VARIABLE, "0.1")
+    clock = iter(range(0, 1000, 10))  # each attempt 10 s later: the 60 s budget allows six retries
+    monkeypatch.setattr(tracking.time, "monotonic", lambda: next(clock))
+    with pytest.raises(tracking.TrackingUnavailable):
+        tracking.call_with_retry("log metrics", refused, policy, sleep=waits.append)
+    assert waits == pytest.approx([0.1, 0.2, 0.4, 0.4, 0.4])
+    for bad in ("0", "2", "fast"):
+        monkeypatch.setenv(config.RETRY_DELAY_SCALE_VARIABLE, bad)
+        message = (f"environment variable TRANSFER_STUDY_RETRY_DELAY_SCALE={bad!r} must be a number in (0, 1]; "
+                   "unset it for the normal waits")
+        with pytest.raises(config.ConfigError, match=f"^{re.escape(message)}$"):
+            tracking.call_with_retry("log metrics", refused, policy, sleep=waits.append)
 
 
 def test_tracking_calls_give_up_after_the_budget_with_a_clear_error():
@@ -328,11 +350,19 @@ def _png_base64(size: int = 8) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-@pytest.mark.parametrize("value", ["/etc/passwd", "/etc/shadow1", "file:///etc/passwd",
-                                   "http://example.com/shirt.png", "s3://bucket/key.png"])
-def test_pyfunc_refuses_paths_and_urls(value, monkeypatch):
+NOT_BASE64 = "row 0: 'image' is not valid base64; encode the file bytes with base64"
+NOT_AN_IMAGE = "row 0: the file is not an image (PNG, JPEG or WebP) Pillow can read; use a JPEG, PNG or WebP file"
+
+
+@pytest.mark.parametrize("value, message", [("/etc/passwd", NOT_BASE64), ("/etc/shadow1", NOT_AN_IMAGE),
+                                            ("file:///etc/passwd", NOT_BASE64),
+                                            ("http://example.com/shirt.png", NOT_BASE64),
+                                            ("s3://bucket/key.png", NOT_BASE64)],
+                         ids=["path", "12-character path", "file URL", "http URL", "s3 URL"])
+def test_pyfunc_refuses_paths_and_urls(value, message, monkeypatch):
+    """A path or URL is refused as the text it is (a 12-character path happens to be valid base64), never opened."""
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("fetched a URL"))
-    with pytest.raises(serve.BadRequest, match="row 0: .*(not valid base64|not an image)"):
+    with pytest.raises(serve.BadRequest, match=f"^{re.escape(message)}$"):
         serve.images_from_request(pd.DataFrame({"image": [value]}))
 
 
@@ -340,7 +370,7 @@ def test_pyfunc_refuses_the_path_of_a_real_image(tmp_path):
     path = tmp_path / "shirt.png"
     Image.new("RGB", (8, 8), (200, 30, 30)).save(path)
     assert len(serve.images_from_request(pd.DataFrame({"image": [client.encode_file(path)]}))) == 1
-    with pytest.raises(serve.BadRequest, match="not valid base64|not an image"):
+    with pytest.raises(serve.BadRequest, match=f"^{re.escape(NOT_BASE64)}$"):
         serve.images_from_request(pd.DataFrame({"image": [str(path)]}))
 
 
@@ -426,14 +456,17 @@ def test_tracking_server_killed_and_restarted_mid_training(tmp_path):
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
     server = _start_tracking_server(store, port)
-    training = FollowedProcess(CLI + ["train"], root, training_env(uri))
+    # Retries 10× more often than a user's (waits 0.1 s to 1.5 s), within the same 120 s budget:
+    # the restart is waited for, not slept through.
+    env = training_env(uri) | {config.RETRY_DELAY_SCALE_VARIABLE: "0.1"}
+    training = FollowedProcess(CLI + ["train"], root, env)
     try:
         training.wait_for(f"epoch 1/{EPOCHS}", timeout=300)  # printed once epoch 1 is logged
         server.kill()
-        time.sleep(20)
+        training.wait_for("tracking store unavailable", timeout=300)  # epoch 2's logging retries
         server = _start_tracking_server(store, port)
         assert training.finish(timeout=600) == 0, training.output()
-        assert "tracking store unavailable" in training.output()
+        assert "; retry 2 in 0.2s" in training.output()  # the scaled backoff
         client, run = single_run(uri)
         assert run.info.status == "FINISHED"
         for key in ("train_loss", "val_acc"):

@@ -66,7 +66,9 @@ def test_ui_and_serve_before_any_run_say_to_train_first(tracking_uri, tmp_path):
     with pytest.raises(UserError, match="'clothing-classifier@champion'.*make run"):
         launch.check_champion(tracking_uri, "clothing-classifier")
     missing = f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}"
-    with pytest.raises(UserError, match="no tracking store"):
+    message = (f"no tracking store at '{tmp_path / 'none' / 'mlflow.db'}' yet, so no registered model "
+               "'clothing-classifier'; `make run` (or `make quick`) trains and registers first")
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
         launch.check_champion(missing, "clothing-classifier")
     assert not (tmp_path / "none").exists()  # no empty store was created
 

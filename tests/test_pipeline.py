@@ -18,70 +18,21 @@ import pytest
 import yaml
 from conftest import FMNIST_DIR, REPO_ROOT
 from postgres import free_port
+from repo import commit, copy_repo, copy_reproduced, run_tool, tool_env, use_tiny_params
 
 BIN = Path(sys.executable).parent
 
 
-def _run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    if check and result.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
-
-def copy_repo(dest: Path) -> Path:
-    """A fresh git+dvc repository holding the tracked files of this one (no data, no runs)."""
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-    for name in tracked.stdout.splitlines():
-        source = REPO_ROOT / name
-        if source.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
-    for name in ("dvc.lock",):
-        (dest / name).unlink(missing_ok=True)
-    _run(["git", "init", "-q"], dest)
-    _run(["git", "add", "-A"], dest)
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], dest)
-    return dest
-
-
-def _env(root: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PATH"] = f"{BIN}:{env['PATH']}"
-    env["DVC_NO_ANALYTICS"] = "1"
-    return env
-
-
-def _tiny_params(root: Path, name: str = "params.yaml") -> None:
-    """One run (Lite0 frozen, seed 0, one split at full size), 1 epoch at 32 px, 6 images a class."""
-    params = yaml.safe_load((root / name).read_text())
-    params["data"]["per_class"] = 6
-    # small_cnn-frozen is in train.exclude (params.yaml's and params.quick.yaml's): its matrix stage
-    # must still leave its out.
-    params["train"].update(architectures=["efficientnet_lite0", "small_cnn"], conditions=["frozen"], epochs=1,
-                           exclude=["small_cnn-frozen"], seeds=[0], early_stopping=None,
-                           image_size={"resnet18": 32, "vgg19": 32, "inception_v3": 75, "efficientnet_lite0": 32,
-                                       "small_cnn": 28})
-    params["split"].update(repeats=1, train_fractions=[1.0])
-    params["evaluate"]["bootstrap_samples"] = 200
-    (root / name).write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def _commit(root: Path, message: str) -> None:
-    _run(["git", "add", "-A"], root)
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], root)
-
-
 @pytest.mark.slow
-def test_dvc_repro_runs_every_stage_then_is_clean(tmp_path):
-    if not FMNIST_DIR.is_dir():
-        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
-    root = copy_repo(tmp_path / "repo")
-    (root / "data.dvc").unlink()  # this test fetches a smaller dataset than the committed version
-    _tiny_params(root)
-    env = _env(root)
-    _run([str(BIN / "transfer-study"), "data", "fetch"], root, env)
-    _run([str(BIN / "dvc"), "repro"], root, env)
+def test_dvc_repro_runs_every_stage_then_is_clean(reproduced_repo, tmp_path):
+    """`dvc repro` on a fetched dataset (the session's reproduced repository) runs every stage and
+    leaves the pipeline up to date; a change reruns only what depends on it (in a copy)."""
+    log = reproduced_repo.repro_log
+    for stage in ("check-params", "validate", "preprocess", "split", "train@efficientnet_lite0-frozen", "evaluate",
+                  "report", "register"):
+        assert f"Running stage '{stage}'" in log, stage
+    root = copy_reproduced(reproduced_repo, tmp_path / "repo")
+    env = tool_env(root)
 
     assert len(list((root / "data/cropped").glob("*/*.png"))) == 36
     assert (root / "data/split/manifest.csv").is_file()
@@ -92,23 +43,23 @@ def test_dvc_repro_runs_every_stage_then_is_clean(tmp_path):
     champion = json.loads((root / "registry/champion.json").read_text())
     assert champion["run_id"] == run["run_id"]
     assert (root / "mlflow.db").is_file(), "runs were not recorded in the project's SQLite store"
-    status = _run([str(BIN / "dvc"), "status", "dvc.yaml"], root, env)  # the quick profile's has not run
+    status = run_tool([str(BIN / "dvc"), "status", "dvc.yaml"], root, env)  # the quick profile's has not run
     assert "up to date" in status.stdout, status.stdout
 
-    metrics = _run([str(BIN / "dvc"), "metrics", "show"], root, env)
+    metrics = run_tool([str(BIN / "dvc"), "metrics", "show"], root, env)
     assert "validation.json" in metrics.stdout and "metrics.json" in metrics.stdout
 
     # The train stages depend only on what training runs: editing the HTTP client retrains nothing.
     client = root / "src/transfer_study/client.py"
     client.write_text(client.read_text() + "\n# an edit to the prediction client\n")
-    status = _run([str(BIN / "dvc"), "status", "train"], root, env)
+    status = run_tool([str(BIN / "dvc"), "status", "train"], root, env)
     assert "up to date" in status.stdout, status.stdout
 
     # A split param changes: only split and what depends on it run again.
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["split"]["seed"] = 1
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    rerun = _run([str(BIN / "dvc"), "repro"], root, env)
+    rerun = run_tool([str(BIN / "dvc"), "repro"], root, env)
     log = rerun.stdout + rerun.stderr
     assert "Running stage 'split'" in log
     assert "Running stage 'preprocess'" not in log and "Running stage 'validate'" not in log
@@ -121,16 +72,16 @@ def test_fetch_matches_the_committed_data_dvc(tmp_path):
     if not FMNIST_DIR.is_dir():
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
     root = copy_repo(tmp_path / "repo")
-    env = _env(root)
+    env = tool_env(root)
     committed = (root / "data.dvc").read_bytes()
     for attempt in range(2):
         shutil.rmtree(root / "data" / "raw", ignore_errors=True)
         shutil.rmtree(root / ".dvc" / "cache", ignore_errors=True)
-        _run([str(BIN / "transfer-study"), "data", "fetch"], root, env)
+        run_tool([str(BIN / "transfer-study"), "data", "fetch"], root, env)
         # As `make data` does: cache the fetched folder; data.dvc must not change.
-        _run([str(BIN / "dvc"), "commit", "--force", "--quiet", "data.dvc"], root, env)
+        run_tool([str(BIN / "dvc"), "commit", "--force", "--quiet", "data.dvc"], root, env)
         assert (root / "data.dvc").read_bytes() == committed, f"fetch {attempt + 1} changed the dataset's hash"
-        status = _run([str(BIN / "dvc"), "status", "data.dvc"], root, env)
+        status = run_tool([str(BIN / "dvc"), "status", "data.dvc"], root, env)
         assert "up to date" in status.stdout, f"fetch {attempt + 1}: {status.stdout}"
 
 
@@ -143,10 +94,10 @@ def test_mlflow_run_main_runs_the_pipeline_and_records_it_in_the_store(tmp_path)
     if not FMNIST_DIR.is_dir():
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
     root = copy_repo(tmp_path / "repo")
-    _tiny_params(root)
+    useuse_tiny_params(root)
     uri = f"sqlite:///{tmp_path / 'projects.db'}"
-    _run([str(BIN / "mlflow"), "run", ".", "-e", "main", "--env-manager", "local"], root,
-         _env(root) | {"MLFLOW_TRACKING_URI": uri})
+    run_tool([str(BIN / "mlflow"), "run", ".", "-e", "main", "--env-manager", "local"], root,
+             tool_env(root) | {"MLFLOW_TRACKING_URI": uri})
     summary = json.loads((root / "data/validation.json").read_text())
     assert summary["total_images"] == 36 and summary["passed"] is True
 
@@ -249,8 +200,8 @@ def _serve_as_readme_says(root: Path, env: dict, photo: Path) -> str:
             except OSError:
                 assert time.time() < deadline, "make serve did not answer /ping in 240 s:\n" + Path(log.name).read_text()
                 time.sleep(1)
-        predicted = _run([str(BIN / "transfer-study"), "predict", "--url", f"http://127.0.0.1:{port}", str(photo)],
-                         root, env)
+        predict = [str(BIN / "transfer-study"), "predict", "--url", f"http://127.0.0.1:{port}", str(photo)]
+        predicted = run_tool(predict, root, env)
         assert predicted.stdout.split("\n")[1].split()[1] in ("circles", "squares", "triangles"), predicted.stdout
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -269,15 +220,15 @@ def test_readme_own_data_steps_print_what_they_say_and_a_typo_loses_nothing(tmp_
     from mlflow import MlflowClient
 
     root = copy_repo(tmp_path / "repo")
-    _tiny_params(root, "params.quick.yaml")  # one run, and an excluded cell
-    _commit(root, "tiny quick profile")
+    useuse_tiny_params(root, "params.quick.yaml")  # one run, and an excluded cell
+    commit(root, "tiny quick profile")
     (root / ".venv" / "bin").mkdir(parents=True)  # the block activates .venv: this test's environment
     (root / ".venv" / "bin" / "activate").write_text(f'export PATH="{BIN}:$PATH"\n')
     photos = _own_photos(tmp_path / "my-photos")
-    env = _env(root) | {"PHOTOS": str(photos), "GIT_AUTHOR_NAME": "t",
+    env = tool_env(root) | {"PHOTOS": str(photos), "GIT_AUTHOR_NAME": "t",
                         "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     script = readme_own_data_script()
-    result = _run(["bash", "-e", "-o", "pipefail", "-c", script], root, env)
+    result = run_tool(["bash", "-e", "-o", "pipefail", "-c", script], root, env)
     log = result.stdout + result.stderr
 
     assert len(printed_lines(script)) >= 7
@@ -288,7 +239,7 @@ def test_readme_own_data_steps_print_what_they_say_and_a_typo_loses_nothing(tmp_
     assert client.get_model_version_by_alias("my-photos-quick", "champion").run_id == run["run_id"]
     assert client.get_experiment_by_name("my-photos-quick") is not None
     assert not client.search_registered_models("name = 'clothing-classifier-quick'")
-    committed = _run(["git", "status", "--porcelain", "--untracked-files=no"], root, env)
+    committed = run_tool(["git", "status", "--porcelain", "--untracked-files=no"], root, env)
     assert committed.stdout == "", f"edited but not committed by the README's steps:\n{committed.stdout}"
     assert "garment" not in (root / "data.dvc").read_text().lower()  # its header fits the user's data too
 
@@ -303,7 +254,7 @@ def test_readme_own_data_steps_print_what_they_say_and_a_typo_loses_nothing(tmp_
     for typo in (re.sub(r"^  epochs: 1$", "  epoch: 3", good, flags=re.MULTILINE),  # replaced
                  re.sub(r"^  epochs: 1$", "  epochs: 1\n  epoch: 3", good, flags=re.MULTILINE)):  # added beside
         quick.write_text(typo)
-        failed = _run([str(BIN / "dvc"), "repro", "profiles/quick/dvc.yaml"], root, env, check=False)
+        failed = run_tool([str(BIN / "dvc"), "repro", "profiles/quick/dvc.yaml"], root, env, check=False)
         assert failed.returncode != 0
         assert "params.quick.yaml: unknown param(s) train.epoch (did you mean train.epochs?)" in failed.stderr
         assert "Running stage 'train" not in failed.stdout
@@ -312,25 +263,25 @@ def test_readme_own_data_steps_print_what_they_say_and_a_typo_loses_nothing(tmp_
 
     # A deleted (or retrained) model comes back from DVC's cache with one command.
     shutil.rmtree(root / "outputs/quick/models")
-    _run([str(BIN / "dvc"), "checkout", "profiles/quick/dvc.yaml"], root, env)
+    run_tool([str(BIN / "dvc"), "checkout", "profiles/quick/dvc.yaml"], root, env)
     assert _run_models(root) == trained
 
     # `make quick` again: the check reruns (the failed runs removed its note), nothing else, and
     # re-registering an unchanged model adds no version.
-    again = _run([str(BIN / "dvc"), "repro", "profiles/quick/dvc.yaml"], root, env)
+    again = run_tool([str(BIN / "dvc"), "repro", "profiles/quick/dvc.yaml"], root, env)
     ran = re.findall(r"Running stage '([^']+)'", again.stdout)
     assert ran == ["check-params"], again.stdout
-    status = _run([str(BIN / "dvc"), "status", "profiles/quick/dvc.yaml"], root, env)
+    status = run_tool([str(BIN / "dvc"), "status", "profiles/quick/dvc.yaml"], root, env)
     assert "up to date" in status.stdout, status.stdout
     versions = len(client.search_model_versions("name = 'my-photos-quick'"))  # the run's, and the served one
-    _run([str(BIN / "dvc"), "repro", "--force", "--single-item", "profiles/quick/dvc.yaml:register"], root, env)
+    run_tool([str(BIN / "dvc"), "repro", "--force", "--single-item", "profiles/quick/dvc.yaml:register"], root, env)
     assert len(client.search_model_versions("name = 'my-photos-quick'")) == versions
-    shown = _run([str(BIN / "dvc"), "exp", "show", "--json"], root, env)
+    shown = run_tool([str(BIN / "dvc"), "exp", "show", "--json"], root, env)
     assert "outputs/quick/evaluation/metrics.json" in shown.stdout
 
     # The plots of the quick pipeline: found where its stages wrote them, drawn without internet.
-    plots = _run([str(BIN / "dvc"), "plots", "show", "profiles/quick/dvc.yaml", "-o", str(tmp_path / "plots")],
-                 root, env)
+    plots = run_tool([str(BIN / "dvc"), "plots", "show", "profiles/quick/dvc.yaml", "-o", str(tmp_path / "plots")],
+                     root, env)
     assert "failed to load" not in plots.stdout + plots.stderr, plots.stdout + plots.stderr
     page = (tmp_path / "plots" / "index.html").read_text()
     assert "learning_curve.csv" in page and "vegaEmbed(" in page
@@ -352,9 +303,9 @@ def test_the_quick_pipeline_draws_replicates_scores_the_external_set_and_rebuild
                            early_stopping={"patience_steps": 1, "min_steps": 0, "max_steps": 1})
     params["evaluate"]["bootstrap_samples"] = 100
     (root / "params.quick.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = _env(root)
-    _run([str(BIN / "transfer-study"), "--params", "params.quick.yaml", "data", "fetch"], root, env)
-    log = _run([str(BIN / "dvc"), "repro", "profiles/quick/dvc.yaml"], root, env).stdout
+    env = tool_env(root)
+    run_tool([str(BIN / "transfer-study"), "--params", "params.quick.yaml", "data", "fetch"], root, env)
+    log = run_tool([str(BIN / "dvc"), "repro", "profiles/quick/dvc.yaml"], root, env).stdout
     assert "Running stage 'profiles/quick/dvc.yaml:replicates'" in log and "external test set: 12 images" in log
 
     manifest = pd.read_csv(root / "outputs/quick/split/manifest.csv")
@@ -364,14 +315,14 @@ def test_the_quick_pipeline_draws_replicates_scores_the_external_set_and_rebuild
     assert list(runs.index) == ["small_cnn-scratch-s0", "small_cnn-scratch-s0-rep1"]
     assert (runs["n_external"] == 12).all() and runs["external_accuracy"].notna().all()
     assert (runs["max_epochs"] == 1).all() and runs["hit_cap"].dtype == bool
-    assert "up to date" in _run([str(BIN / "dvc"), "status", "profiles/quick/dvc.yaml"], root, env).stdout
+    assert "up to date" in run_tool([str(BIN / "dvc"), "status", "profiles/quick/dvc.yaml"], root, env).stdout
 
     for folder in ("data/pool", "data/replicates", "data/external"):
         shutil.rmtree(root / folder)
-    again = _run([str(BIN / "dvc"), "repro", "profiles/quick/dvc.yaml"], root, env).stdout
+    again = run_tool([str(BIN / "dvc"), "repro", "profiles/quick/dvc.yaml"], root, env).stdout
     assert "Running stage 'profiles/quick/dvc.yaml:replicates'" in again
     assert "Running stage 'profiles/quick/dvc.yaml:validate'" not in again, "the rebuilt replicates differ"
-    assert "up to date" in _run([str(BIN / "dvc"), "status", "profiles/quick/dvc.yaml"], root, env).stdout
+    assert "up to date" in run_tool([str(BIN / "dvc"), "status", "profiles/quick/dvc.yaml"], root, env).stdout
 
 
 def test_the_quick_pipeline_tracks_what_the_study_pipeline_tracks():

@@ -80,8 +80,9 @@ def test_center_fit_fills_the_square_and_cuts_the_long_side():
 
 
 def test_fit_square_rejects_unknown_fit():
-    with pytest.raises(UserError, match="letterbox"):
+    with pytest.raises(UserError) as error:
         pp.fit_square(corner_marked_image(10, 10), 8, "stretch")
+    assert str(error.value) == "preprocess.fit = 'stretch'; use 'letterbox' or 'center'"
 
 
 def test_cropper_none_keeps_the_whole_image():
@@ -211,15 +212,18 @@ def test_preprocess_dataset_end_to_end(tmp_path, capsys):
 
 
 def test_preprocess_dataset_reports_a_missing_raw_folder(tmp_path):
-    with pytest.raises(UserError, match="data fetch"):
+    with pytest.raises(UserError) as error:
         pp.preprocess_dataset(tmp_path / "absent", tmp_path / "out", PreprocessParams())
+    assert str(error.value) == (f"raw images folder '{tmp_path / 'absent'}' not found; run `transfer-study data fetch` "
+                                "or set paths.raw")
 
 
 def test_preprocess_dataset_with_nothing_readable_is_an_error(tmp_path):
     (tmp_path / "raw" / "coat").mkdir(parents=True)
     (tmp_path / "raw" / "coat" / "a.png").write_bytes(b"garbage")
-    with pytest.raises(UserError, match="no image"):
+    with pytest.raises(UserError) as error:
         pp.preprocess_dataset(tmp_path / "raw", tmp_path / "out", PreprocessParams(cropper="none"))
+    assert str(error.value) == f"no image in '{tmp_path / 'raw'}' could be preprocessed; see the excluded files above"
 
 
 def write_fashion_mnist_raw(garments: np.ndarray, raw: Path, count: int) -> None:

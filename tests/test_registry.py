@@ -17,6 +17,7 @@ from conftest import tiny_params
 from PIL import Image
 
 from transfer_study import champion, models, serve
+from transfer_study.calibration import fit_temperature, logits_from_probabilities, temperature_scaled
 from transfer_study.config import UserError
 from transfer_study.evaluate import classification_metrics
 from transfer_study.registry import RegisterPaths, promote_champion, rank_runs
@@ -165,6 +166,14 @@ def test_an_ensemble_that_beats_the_best_single_run_on_validation_is_served(stor
     assert calibration["val_errors"] == 0 and "0 wrong validation answer(s)" in summary["temperature_note"]
     assert champion_version.tags["calibration"] == summary["temperature_note"] == calibration["temperature_note"]
     assert calibration["test"]["ece_after"] == summary["test_ece_after"]
+    # ... fitted on what is served, the members' mean validation probabilities (0.1, the range's lower
+    # end: their mean is right on every validation image), not on the best member's (0.92, 3 errors).
+    val = [pd.read_csv(paths.models_dir / run.rsplit("-", 1)[0] / run.rsplit("-", 1)[1] / "predictions.csv")
+           .query("split == 'val'") for run in ("resnet18-frozen-s0", "vgg19-frozen-s0")]
+    mean = np.mean([frame[[f"prob_{k}" for k in range(3)]].to_numpy() for frame in val], axis=0)
+    fitted = fit_temperature(logits_from_probabilities(mean), val[0]["label"].to_numpy())
+    assert calibration["temperature_fitted"] == summary["temperature_fitted"]
+    assert calibration["temperature_fitted"] == pytest.approx(fitted, abs=1e-3) == pytest.approx(0.1, abs=1e-3)
     assert (paths.out_dir / "reliability.png").stat().st_size > 1000
 
     mlflow.set_tracking_uri(store["uri"])
@@ -237,8 +246,8 @@ def test_alias_moves_to_a_new_winner_and_reruns_write_nothing(store, single_cham
     assert promote_champion(paths, "moving", uri) == before
     assert writes == []  # nothing re-registered, re-tagged, re-logged or re-aliased
     assert version_count(uri, "moving") == 3  # two runs and the served model
-    with pytest.raises(mlflow.exceptions.MlflowException):
-        client.get_model_version_by_alias("moving", "previous")
+    with pytest.raises(mlflow.exceptions.MlflowException, match="^Registered model alias previous not found.$"):
+        client.get_model_version_by_alias("moving", "previous")  # no former champion yet
     monkeypatch.undo()
 
     paths = project(store, tmp_path, [*NESTED, ("vgg19-frozen-s0", 2, set(), {0, 1, 2, 3})])
@@ -270,6 +279,39 @@ def test_greedy_selection_adds_runs_only_while_validation_f1_rises():
     assert champion.greedy_members({"c": probs["c"], "a": probs["a"]}, labels, 5) == ["a"]
 
 
+def overconfident(labels: np.ndarray, wrong: set[int]) -> np.ndarray:
+    """0.98 on the true class, except on rows `wrong`: 0.7 on the next class (overconfident throughout)."""
+    rows = np.arange(len(labels))
+    top = np.where(np.isin(rows, list(wrong)), 0.7, 0.98)
+    probs = np.repeat(((1 - top) / 2)[:, None], len(CLASSES), axis=1)
+    probs[rows, (labels + np.isin(rows, list(wrong))) % len(CLASSES)] = top
+    return probs
+
+
+def test_the_served_temperature_is_fitted_on_the_ensembles_own_probabilities():
+    """An ensemble of two overconfident runs with ten shared mistakes (enough for the fit to be
+    applied): the temperature served is the one that minimises the validation log-loss of the
+    ensemble's mean probabilities, not of its best member's."""
+    labels = np.arange(30) % 3
+    a, b = overconfident(labels, set(range(12))), overconfident(labels, set(range(10)) | {12, 13, 14})
+    unhelpful = np.full((30, 3), 1 / 3)  # mirror images that tell nothing: no flips
+    choice = champion.choose_served([champion.Candidate("a", a, unhelpful), champion.Candidate("b", b, unhelpful)],
+                                    labels)
+    assert choice.members == ("a", "b") and choice.tta == {"a": False, "b": False}
+    assert choice.calibration.errors == 10 and choice.calibration.note is None  # the ensemble's errors; applied
+    mean = (a + b) / 2
+
+    def log_loss(probs: np.ndarray, temperature: float) -> float:
+        scaled = temperature_scaled(probs, temperature)
+        return float(-np.log(scaled[np.arange(30), labels]).mean())
+
+    # The ensemble's optimum (1.561 here), found without fit_temperature: a 1e-3 grid around it is no better.
+    assert choice.temperature == choice.calibration.fitted == pytest.approx(1.561, abs=2e-3)
+    assert all(log_loss(mean, choice.temperature) <= log_loss(mean, t) + 1e-9
+               for t in np.arange(1.2, 2.0, 0.001))
+    assert log_loss(a, 1.726) < log_loss(a, choice.temperature)  # the best member's own fit differs
+
+
 def test_flips_are_kept_only_when_they_help_on_validation():
     labels = np.arange(12) % 3
     plain = probabilities(labels, {0, 1, 2})
@@ -285,8 +327,10 @@ def test_no_validation_metrics_is_a_user_error(store, tmp_path):
     paths = project(store, tmp_path, [("resnet18-frozen-s0", 0, set(), set())])
     runs = pd.read_csv(paths.runs_csv).assign(val_f1_macro=float("nan"))
     runs.to_csv(paths.runs_csv, index=False)
-    with pytest.raises(UserError, match="validation"):
+    with pytest.raises(UserError) as error:
         promote_champion(paths, "no-val", store["uri"])
+    assert str(error.value) == ("no run has validation metrics, and the champion is chosen on validation only; "
+                                "give the split a val set (split.val in params.yaml) and rerun")
 
 
 def test_missing_runs_csv_says_to_evaluate(tmp_path, store):

@@ -299,9 +299,11 @@ def test_a_runs_table_without_the_new_columns_says_to_evaluate_again(tmp_path):
 
 
 def test_missing_study_table_is_a_user_error(report, tmp_path):
-    with pytest.raises(UserError, match="study table"):
+    with pytest.raises(UserError) as error:
         write_report(report / "evaluation", report / "models", tmp_path, tmp_path / "nope.csv", PARAMS,
                      is_study_data=True)
+    assert str(error.value) == (f"study table '{tmp_path / 'nope.csv'}' not found; it ships in "
+                                "references/study_table1.csv")
 
 
 def test_missing_evaluation_says_to_evaluate(tmp_path):

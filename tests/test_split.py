@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 
 import numpy as np
@@ -13,9 +14,13 @@ from PIL import Image
 from transfer_study.config import SplitParams, UserError
 from transfer_study.split import (
     EXCLUDED,
+    UNUSED,
+    cell_manifest,
+    count_table,
     manifest_frame,
     read_manifest,
     rows_for,
+    scan_crops,
     split_sizes,
     stratified_split,
     subset_size,
@@ -69,6 +74,21 @@ def test_split_sizes_always_give_each_split_an_image():
 def test_split_sizes_round_half_up(n, sizes):
     # 15 % of 10 is 1.5 and of 30 is 4.5: rounded, not floored (nor banker's rounding, which gives 4)
     assert split_sizes(n, PARAMS) == dict(zip(("train", "val", "test"), sizes))
+
+
+UNEVEN = SplitParams(train=0.7, val=0.2, test=0.1)  # val ≠ test: a test share taken from split.val shows
+
+
+@pytest.mark.parametrize("n, sizes", [(20, (14, 4, 2)), (37, (26, 7, 4)), (100, (70, 20, 10))])
+def test_val_and_test_take_their_own_ratios(n, sizes):
+    assert split_sizes(n, UNEVEN) == dict(zip(("train", "val", "test"), sizes))
+
+
+def test_a_stratified_split_gives_val_and_test_their_own_shares():
+    result = stratified_split(make_items({"coat": 100, "shirt": 37}), UNEVEN)
+    table = pd.crosstab(result["label"], result["split"])
+    assert table.loc["coat"].to_dict() == {"test": 10, "train": 70, "val": 20}
+    assert table.loc["shirt"].to_dict() == {"test": 4, "train": 26, "val": 7}
 
 
 def test_three_images_give_one_per_split():
@@ -383,3 +403,103 @@ def test_write_manifest_of_several_datasets_round_trips(tmp_path, capsys):
     assert manifest["split"].value_counts()["external"] == 8 and manifest["replicate"].isna().sum() == 8
     assert sorted(manifest["replicate"].dropna().unique()) == [0, 1] and len(written) == len(manifest)
     assert "2 replicate(s), each split on its own; external test set: 8 images" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# Pinned cases (what the mutation run, scripts/mutations.py, found untested)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, params, sizes", [
+    (4, SplitParams(train=0.1, val=0.45, test=0.45), (1, 1, 2)),  # a tie: val gives the image back
+    (10, SplitParams(train=0.02, val=0.49, test=0.49), (1, 4, 5)),
+    (5, SplitParams(train=0.1, val=0.4, test=0.5), (1, 2, 2)),  # test is larger: test gives it back
+])
+def test_extreme_ratios_take_the_train_image_back_from_the_larger_of_val_and_test(n, params, sizes):
+    assert split_sizes(n, params) == dict(zip(("train", "val", "test"), sizes))
+
+
+def test_items_without_a_hash_column_are_a_programming_error():
+    with pytest.raises(ValueError, match=r"^items lacks column\(s\) label, sha256$"):
+        stratified_split(pd.DataFrame({"path": ["a.png"]}), PARAMS)
+
+
+def test_the_split_does_not_depend_on_the_order_classes_come_in():
+    """The classes draw from one RandomState in sorted order, whichever class the rows list first."""
+    items = make_items({"a": 12, "b": 9, "c": 7})
+    backwards = items.iloc[::-1].reset_index(drop=True)
+    assert split_of(stratified_split(backwards, PARAMS)) == split_of(stratified_split(items, PARAMS))
+    curve = SplitParams(train_fractions=(0.5, 1.0))
+    assert manifest_frame(backwards, curve).set_index("path")["train_rank_r0"].sort_index().equals(
+        manifest_frame(items, curve).set_index("path")["train_rank_r0"].sort_index())
+
+
+def test_train_ranks_and_a_cells_manifest_are_pinned():
+    """Pinned from the code as it is: a changed rank stream or subset rule changes every learning curve."""
+    frame = manifest_frame(make_items({"a": 6, "b": 5}), SplitParams(repeats=2, train_fractions=(0.5, 1.0)))
+    assert frame["train_rank_r1"].tolist() == [2, 3, pd.NA, pd.NA, 0, 1, 0, pd.NA, 2, 1, pd.NA]
+    assert frame["train_rank_r0"].tolist() == [2, pd.NA, 0, 3, pd.NA, 1, 2, pd.NA, 0, pd.NA, 1]
+    cell = cell_manifest(frame, 1, 0.5)
+    assert list(cell.columns) == ["path", "label", "split", "sha256"]
+    assert "".join(cell["split"].map({"train": "r", "val": "v", "test": "e", UNUSED: "u"})) == "uuevrrreurv"
+    assert cell_manifest(frame, 0, 1.0)["split"].tolist() == frame["split"].tolist()
+
+
+def test_rows_for_at_full_size_needs_no_ranks_and_a_fraction_of_zero_is_refused():
+    plain = manifest_frame(make_items({"a": 20, "b": 20}), PARAMS)
+    assert rows_for(plain, 0, 1.0)["split"].tolist() == plain["split"].tolist()
+    with pytest.raises(UserError, match=re.escape("train fraction 0 is not in (0, 1]; check split.train_fractions")):
+        rows_for(plain, 0, 0)
+
+
+@pytest.mark.parametrize("repeats", [1, 2, 3])
+def test_rows_for_names_how_many_repeats_the_manifest_has(repeats):
+    frame = manifest_frame(make_items({"a": 20, "b": 20}), SplitParams(repeats=repeats))
+    message = (f"the split manifest has {repeats} repeat(s), so there is no repeat {repeats + 2}; set split.repeats "
+               f"to at least {repeats + 3} and rerun `dvc repro split`")
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        rows_for(frame, repeats + 2, 1.0)
+
+
+def test_a_class_without_train_rows_keeps_its_val_and_test_rows_in_a_subset():
+    """A hand-edited manifest whose class lost its train rows: a subset still keeps that class's held-out rows."""
+    frame = manifest_frame(make_items({"a": 10, "b": 10}), SplitParams(train_fractions=(0.5, 1.0)))
+    frame = frame[(frame["label"] == "a") | (frame["split"] != "train")].reset_index(drop=True)
+    rows = rows_for(frame, 0, 0.5)
+    assert rows[rows["label"] == "b"]["split"].tolist() == frame[frame["label"] == "b"]["split"].tolist()
+    assert (rows[rows["label"] == "a"]["split"] == "train").sum() == 3  # half of its 6
+
+
+def test_count_table_counts_each_class_and_split_with_totals():
+    split = stratified_split(make_items({"a": 6, "b": 5}), PARAMS)
+    table = count_table(split)
+    assert list(table.columns) == ["train", "val", "test", "total"]
+    assert table.to_dict("index") == {"a": {"train": 4, "val": 1, "test": 1, "total": 6},
+                                      "b": {"train": 3, "val": 1, "test": 1, "total": 5},
+                                      "total": {"train": 7, "val": 2, "test": 2, "total": 11}}
+    no_test = count_table(split[split["split"] != "test"])
+    assert no_test["test"].tolist() == [0, 0, 0]  # a split with no rows is a column of zeros
+
+
+def test_scan_crops_skips_hidden_folders_and_stray_files(tmp_path):
+    make_crops(tmp_path / "crops", {"coat": 3})
+    (tmp_path / "crops" / ".cache").mkdir()  # e.g. a tool's hidden folder
+    (tmp_path / "crops" / "README.txt").write_text("not a class")
+    frame = scan_crops(tmp_path / "crops")
+    assert list(frame.columns) == ["path", "label", "sha256"] and set(frame["label"]) == {"coat"}
+    message = f"cropped images folder '{tmp_path / 'none'}' not found; run `dvc repro preprocess` first"
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        scan_crops(tmp_path / "none")
+
+
+def test_write_manifest_makes_its_folder_returns_plain_rows_and_reports_repeats(tmp_path, capsys):
+    make_crops(tmp_path / "crops", {"coat": 10, "shirt": 10})
+    shutil.copy(tmp_path / "crops" / "coat" / "000.png", tmp_path / "crops" / "shirt" / "stray.png")
+    manifest = tmp_path / "a" / "b" / "manifest.csv"
+    written = write_manifest(tmp_path / "crops", manifest, SplitParams(repeats=2))
+    assert list(written.index) == list(range(19)) and "index" not in written.columns
+    assert manifest.read_bytes().count(b"\r") == 0 and list(pd.read_csv(manifest).columns)[:4] == [
+        "path", "label", "split", "sha256"]
+    out = capsys.readouterr().out
+    assert "2 split repeat(s); train images per class (repeat 0) at each fraction: 1: 6.5" in out
+    assert "excluded 2 image(s) whose content appears under two labels:" in out

@@ -23,7 +23,7 @@ def _batches(count: int, size: int = 32, rows: int = 4):
              torch.randint(0, 3, (rows,), generator=generator)) for _ in range(count)]
 
 
-def _plain_losses(model: torch.nn.Module, batches, lr: float) -> list[float]:
+def _plain_losses(model: torch.nn.Module, batches, lr: float, label_smoothing: float = 0.0) -> list[float]:
     """The textbook loop the study describes: normalise, forward, cross-entropy, Adam; one sync per step."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True)  # the Trainer's kernel on a CPU
     model.train()
@@ -31,7 +31,7 @@ def _plain_losses(model: torch.nn.Module, batches, lr: float) -> list[float]:
     for images_u8, labels in batches:
         images = (images_u8.float().contiguous(memory_format=torch.channels_last) / 255 - torch.tensor(models.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
             models.IMAGENET_STD).view(1, 3, 1, 1)
-        loss = F.cross_entropy(model(images), labels)
+        loss = F.cross_entropy(model(images), labels, label_smoothing=label_smoothing)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -56,6 +56,36 @@ def test_the_step_follows_the_plain_loss_trajectory():
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(plain), rtol=1e-3, atol=1e-4)
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(trainer.model.state_dict()[name], value, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_label_smoothing_reaches_the_training_loss():
+    """The quick and tuned profiles train with train.label_smoothing: the step's loss is the smoothed one."""
+    params = tiny_params(augment=NO_AUGMENT, label_smoothing=0.2)
+    batches = _batches(2)
+    torch.manual_seed(0)
+    trainer = Trainer(params, Cell("resnet18", "scratch", 0), 3, torch.device("cpu"))
+    references = []
+    for smoothing in (0.2, 0.0):
+        reference = models.build_model("resnet18", 3, pretrained=False)
+        reference.load_state_dict(trainer.model.state_dict())
+        references.append(_plain_losses(reference.to(memory_format=torch.channels_last), batches,
+                                        params.train.lr, label_smoothing=smoothing))
+    ours = [trainer.train_epoch([batch], None)[0] for batch in batches]
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(references[0]), rtol=1e-3, atol=1e-4)
+    assert abs(ours[0] - references[1][0]) > 0.01, "smoothing 0.2 should change the loss"
+
+
+def test_label_smoothing_reaches_the_head_only_loss_of_a_frozen_cell():
+    """A frozen cell without augmentation trains its head on cached features (train_head_epoch)."""
+    params = tiny_params(augment=NO_AUGMENT, label_smoothing=0.2, batch_size=6)
+    trainer = Trainer(params, Cell("efficientnet_lite0", "frozen", 0), 3, torch.device("cpu"))
+    features = torch.randn(6, trainer.model.head.in_features, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    with torch.no_grad():  # one batch of all six rows: the epoch's loss is that of the head before its step
+        smoothed, plain = (F.cross_entropy(trainer.model.head(features), labels, label_smoothing=s).item()
+                           for s in (0.2, 0.0))
+    loss, _ = trainer.train_head_epoch(features, labels, torch.Generator().manual_seed(0), None)
+    assert loss == pytest.approx(smoothed, abs=1e-5) and abs(smoothed - plain) > 0.01
 
 
 def test_an_epoch_sums_loss_and_accuracy_over_every_image():

@@ -83,3 +83,25 @@ def test_device_augment_draws_per_sample_within_the_params():
     flipped = transforms.DeviceAugment(AugmentParams(0.0, 0.0, True))(images)
     mirrored = [torch.equal(o, images[0].flip(-1)) for o in flipped]
     assert all(m or torch.equal(o, images[0]) for m, o in zip(mirrored, flipped)) and 10 < sum(mirrored) < 54
+
+
+def test_a_known_photo_gives_known_model_input_values():
+    """Fixed numbers, not training against serving (a bug both share, e.g. a lost /255, passes that test):
+    a 31×41 px garment of one colour on a plain background of another, through serving's whole input
+    path (crop, letterbox, resize to 40 px, /255, ImageNet mean and std)."""
+    img = Image.new("RGB", (90, 60), (20, 20, 24))
+    ImageDraw.Draw(img).rectangle((50, 10, 80, 50), fill=(200, 120, 40))
+    params = PreprocessParams(cropper="foreground", size=64)
+    classifier = serve.ImageClassifier()
+    classifier.preprocess, classifier.cropper, classifier.image_size = params, make_cropper(params), 40
+    batch = classifier.model_input([img])
+    assert batch.shape == (1, 3, 40, 40) and batch.dtype == torch.float32
+    # (value / 255 - mean) / std by hand, mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225)
+    background, garment = torch.tensor([-1.77541, -1.68557, -1.38614]), torch.tensor([1.30705, 0.06513, -1.10728])
+    torch.testing.assert_close(batch[0, :, 0, 0], background, atol=1e-4, rtol=0)  # letterbox padding
+    torch.testing.assert_close(batch[0, :, 20, 20], garment, atol=1e-4, rtol=0)
+    # The crop: the garment box plus an 8% margin (about 36 × 47.6 px), letterboxed into a square of
+    # 47.6 px, so the garment spans 31 / 47.6 of the 40 columns, centred: about 26 (resizing blends its edges).
+    row = batch[0, 0, 20]
+    garment_columns = torch.nonzero(row > (garment[0] + background[0]) / 2).flatten()
+    assert 25 <= len(garment_columns) <= 27 and abs(garment_columns.float().mean().item() - 19.5) <= 1

@@ -740,6 +740,25 @@ def python_bin_dir() -> Path:
     return Path(sys.executable).parent
 
 
+RETRY_DELAY_SCALE_VARIABLE = "TRANSFER_STUDY_RETRY_DELAY_SCALE"
+
+
+def retry_delay_scale() -> float:
+    """A factor on the waits between retries of tracking calls (tracking.py): 1 unless the tests'
+    TRANSFER_STUDY_RETRY_DELAY_SCALE shortens them, so a test of a store that comes back waits less."""
+    raw = os.environ.get(RETRY_DELAY_SCALE_VARIABLE, "")
+    if not raw:
+        return 1.0
+    try:
+        scale = float(raw)
+    except ValueError:
+        scale = math.nan
+    if not 0 < scale <= 1:
+        raise ConfigError(f"environment variable {RETRY_DELAY_SCALE_VARIABLE}={raw!r} must be a number in (0, 1]; "
+                          "unset it for the normal waits")
+    return scale
+
+
 def torch_home() -> Path:
     """Where torchvision caches downloaded weights (TORCH_HOME, else ~/.cache/torch)."""
     return Path(os.environ.get("TORCH_HOME") or Path.home() / ".cache" / "torch")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from .config import UserError
+from .config import UserError, retry_delay_scale
 
 T = TypeVar("T")
 
@@ -105,7 +105,8 @@ def call_with_retry(what: str, call: Callable[[], T], policy: RetryPolicy = Retr
     the budget is spent.
     """
     deadline = time.monotonic() + policy.budget_s
-    delay, attempt = policy.first_delay_s, 1
+    scale = retry_delay_scale()  # the budget stays; only the waits within it shrink (tests)
+    delay, attempt = policy.first_delay_s * scale, 1
     while True:
         try:
             with _without_mlflow_http_retries():
@@ -120,7 +121,7 @@ def call_with_retry(what: str, call: Callable[[], T], policy: RetryPolicy = Retr
                     "check the server behind MLFLOW_TRACKING_URI and rerun the same command: "
                     "training resumes from its last finished epoch"
                 ) from None
-            wait = min(delay, policy.max_delay_s, left)
+            wait = min(delay, policy.max_delay_s * scale, left)
             print(f"tracking store unavailable ({what}: {_short(exc, 120)}); retry {attempt} in {wait:.1f}s",
                   file=sys.stderr, flush=True)
             (sleep or time.sleep)(wait)
