@@ -80,7 +80,7 @@ def make_project(root: Path, params_file: str, project: Path, epochs: int | None
         import yaml
 
         raw = yaml.safe_load(text)
-        raw["train"]["epochs"] = epochs
+        raw["train"].update(epochs=epochs, early_stopping=None)  # exactly that many epochs
         text = yaml.safe_dump(raw, sort_keys=False)
     (project / params_file).write_text(text)
     return project
@@ -95,9 +95,12 @@ def epoch_loop_seconds(outputs: Path) -> float | None:
 
 
 def training_compute_seconds(params, train_results: dict, train_images: int) -> float | None:
-    """Σ over the profile's cells of epochs × train images ÷ measured fast img/s; None if any is missing."""
+    """Σ over the profile's cells of epochs × train images ÷ measured fast img/s; None if any is missing,
+    or when early stopping decides the epochs (unknown before the runs)."""
     from transfer_study.cells import cells_for
 
+    if params.train.early_stopping is not None:
+        return None
     total = 0.0
     for cell in cells_for(params):
         measured = train_results.get((cell.architecture, cell.condition))
@@ -105,6 +108,12 @@ def training_compute_seconds(params, train_results: dict, train_images: int) -> 
             return None
         total += params.train.epochs * train_images / measured["fast"]["img_s"]
     return total
+
+
+def epochs_text(params, epochs: int | None) -> str:
+    if epochs is not None:
+        return f"{epochs} epochs"
+    return "early stopping" if params.train.early_stopping is not None else f"{params.train.epochs} epochs"
 
 
 def run(root: Path, params, params_file: str, tmp: Path, train_results: dict, train_images: int,
@@ -129,7 +138,7 @@ def run(root: Path, params, params_file: str, tmp: Path, train_results: dict, tr
     smoke = "" if epochs is None else f"SMOKE RUN: {epochs} epoch(s), not the profile's figure; "
     mb = 2**20
     return [
-        Row("e2e", f"quick profile pipeline --skip-data ({epochs or params.train.epochs} epochs)", "s", wall, loops,
+        Row("e2e", f"quick profile pipeline --skip-data ({epochs_text(params, epochs)})", "s", wall, loops,
             note=smoke + "baseline: its own epoch loops (history.csv seconds, val included)"
             + (f"; train-section estimate {estimate:.0f} s" if estimate else ""),
             extra={"log": str(log), "epoch_loops_s": loops, "train_section_estimate_s": estimate}),

@@ -179,7 +179,8 @@ def _tiny_bench_project(root: Path) -> Path:
     params["split"].update(train_fractions=[1.0], repeats=1)
     params["preprocess"] = dataclasses.asdict(PreprocessParams(size=80))  # as make_split_project's crops say
     params["evaluate"]["bootstrap_samples"] = 100
-    params["paths"].update(manifest="data/split/manifest.csv", outputs="outputs/quick")
+    params["paths"].update(manifest="data/split/manifest.csv", outputs="outputs/quick", cropped="data/cropped")
+    params["data"].update(replicates=1, external_per_class=0)  # one dataset: the project's crops
     for name in ("params.yaml", "params.quick.yaml"):
         (root / name).write_text(yaml.safe_dump(params, sort_keys=False))
     return root
@@ -194,7 +195,7 @@ def test_every_bench_section_runs_at_a_tiny_size(tmp_path, tracking_uri, use_tor
     root = _tiny_bench_project(tmp_path / "project")
     code = run.main(["--root", str(root), "--archs", "resnet18,small_cnn", "--conditions", "scratch,frozen",
                      "--warmup", "1", "--batches", "1", "--windows", "1", "--serve-seconds", "1",
-                     "--scale-per-class", "4,8", "--e2e-epochs", "1"])
+                     "--scale-per-class", "4,8", "--e2e-epochs", "30"])
     table = capsys.readouterr().out
     assert "section failed" not in table and "| failed" not in table, table
     for row in ("| train | resnet18 scratch 64 px |", "| train | resnet18 frozen 64 px |",

@@ -153,6 +153,16 @@ def test_too_few_units_or_no_spread_decide_nothing():
     assert big["verdict"] == ESTABLISHED
 
 
+def test_a_difference_below_zero_is_decided_as_one_above_it():
+    """Issue 21's fifth example in today's terms: the test is two-sided, so scratch ahead of pretrained
+    is established exactly as pretrained ahead is (a one-sided rule would call it 'not established')."""
+    d = np.array([0.30, 0.25, 0.33, 0.28])
+    ahead, behind = decide(d), decide(-d)
+    assert ahead["verdict"] == behind["verdict"] == ESTABLISHED and behind["p"] == pytest.approx(ahead["p"])
+    assert (behind["low"], behind["high"]) == pytest.approx((-ahead["high"], -ahead["low"]))
+    assert behind["high"] < 0 < ahead["low"]
+
+
 def test_holm_steps_down_and_ignores_untested():
     assert holm(np.array([0.01, 0.04, 0.03])) == pytest.approx([0.03, 0.06, 0.06])
     adjusted = holm(np.array([0.01, np.nan, 0.04]))

@@ -290,6 +290,20 @@ def test_a_single_run_is_reported_with_nothing_to_compare(tmp_path):
     assert "Only one cell: nothing to compare." in (root / "reports" / "table1.md").read_text()
 
 
+def test_every_run_predicting_one_class_is_a_user_error_naming_them(tmp_path):
+    """Nothing kept at the full size: a message naming the runs and what to change, not a KeyError."""
+    runs = make_runs({("efficientnet_lite0", "frozen"): {1.0: 0.1}}, replicates=[0], seeds=[0], external=False)
+    runs = runs.assign(single_class=True)
+    root = write_project(tmp_path, runs)
+    names = ", ".join(runs["run"])
+    with pytest.raises(UserError) as caught:
+        write_report(root / "evaluation", root / "models", root / "reports", STUDY_TABLE, PARAMS, is_study_data=False)
+    assert str(caught.value) == (
+        f"every run at the full training size ({names}) predicts one class for every validation image, so the "
+        f"report has nothing to compare; train longer (train.early_stopping or train.epochs) or check that the "
+        f"classes differ in '{root / 'evaluation' / 'runs.csv'}'")
+
+
 def test_a_runs_table_without_the_new_columns_says_to_evaluate_again(tmp_path):
     root = write_project(tmp_path, make_runs(EFFECTS, replicates=[0], seeds=[0]))
     runs = pd.read_csv(root / "evaluation" / "runs.csv")

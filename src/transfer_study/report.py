@@ -553,6 +553,12 @@ def write_report(evaluation_dir: Path, models_dir: Path, reports_dir: Path, stud
     """
     runs = read_runs_table(evaluation_dir)
     inference = infer(runs, params.confidence, params.bootstrap_samples, params.seed)
+    full = runs[runs["fraction"] == inference.full_fraction]
+    if full["single_class"].astype(bool).all():
+        raise UserError(f"every run at the full training size ({', '.join(full['run'])}) predicts one class for "
+                        f"every validation image, so the report has nothing to compare; train longer "
+                        f"(train.early_stopping or train.epochs) or check that the classes differ in "
+                        f"'{Path(evaluation_dir) / 'runs.csv'}'")
     one_test_set = runs[(runs["replicate"] == runs["replicate"].min()) & (runs["repeat"] == 0)
                         & (runs["fraction"] == inference.full_fraction)]
     test_sets = read_test_sets(one_test_set, models_dir)
