@@ -94,7 +94,7 @@ def test_mlflow_run_main_runs_the_pipeline_and_records_it_in_the_store(tmp_path)
     if not FMNIST_DIR.is_dir():
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
     root = copy_repo(tmp_path / "repo")
-    useuse_tiny_params(root)
+    use_tiny_params(root)
     uri = f"sqlite:///{tmp_path / 'projects.db'}"
     run_tool([str(BIN / "mlflow"), "run", ".", "-e", "main", "--env-manager", "local"], root,
              tool_env(root) | {"MLFLOW_TRACKING_URI": uri})
@@ -220,7 +220,7 @@ def test_readme_own_data_steps_print_what_they_say_and_a_typo_loses_nothing(tmp_
     from mlflow import MlflowClient
 
     root = copy_repo(tmp_path / "repo")
-    useuse_tiny_params(root, "params.quick.yaml")  # one run, and an excluded cell
+    use_tiny_params(root, "params.quick.yaml")  # one run, and an excluded cell
     commit(root, "tiny quick profile")
     (root / ".venv" / "bin").mkdir(parents=True)  # the block activates .venv: this test's environment
     (root / ".venv" / "bin" / "activate").write_text(f'export PATH="{BIN}:$PATH"\n')
