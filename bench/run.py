@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     root = args.root.resolve()
     from transfer_study.config import UserError, tracking_uri
-    from workspace import BatchPlan, Workspace, require_split_data
+    from workspace import BatchPlan, Workspace, profile_params_file, require_split_data
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     plan = BatchPlan(warmup=args.warmup or (10 if cuda else 3), batches=args.batches or (20 if cuda else 8),
                      windows=args.windows or 3)
     try:
-        require_split_data(root)
+        require_split_data(root, profile_params_file(profile))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

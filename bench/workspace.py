@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from transfer_study import distributed, models
-from transfer_study.config import SCRATCH_ONLY, Params, UserError, load_params
+from transfer_study.config import SCRATCH_ONLY, Params, UserError, load_params, profile_datasets
 from transfer_study.distributed import SINGLE_PROCESS
 from transfer_study.imagestore import DeviceImages, TrainingData
 from transfer_study.split import read_manifest
@@ -43,8 +43,14 @@ class Workspace:
         self.profile = profile
         self.params: Params = load_params(params_file or root / profile_params_file(profile))
         self.archs, self.conditions = archs, conditions
-        self.manifest = read_manifest(root / self.params.paths.manifest)
-        self.cropped = root / self.params.paths.cropped
+        # A profile of several datasets (the quick profile's replicates and external set) is measured
+        # on replicate 0, data/raw's crops: one dataset of class folders, as the standard recipe reads it.
+        first = profile_datasets(self.params)[0]
+        manifest = read_manifest(root / self.params.paths.manifest)
+        if "replicate" in manifest.columns:
+            manifest = manifest[manifest["replicate"] == first.replicate].drop(columns="replicate")
+        self.manifest = manifest.reset_index(drop=True)
+        self.cropped = root / first.cropped
         self.raw = root / self.params.paths.raw
         self.class_names = sorted(self.manifest["label"].unique())
         self._data: dict[int, TrainingData] = {}
@@ -132,5 +138,6 @@ def require_split_data(root: Path, params_file: str = "params.yaml") -> None:
     params = load_params(root / params_file)
     manifest = root / params.paths.manifest
     if not manifest.is_file() or not (root / params.paths.cropped).is_dir():
-        raise UserError(f"'{manifest}' or '{params.paths.cropped}' is missing; run `dvc repro split` "
+        stage = "split" if params_file == "params.yaml" else "profiles/quick/dvc.yaml:split"
+        raise UserError(f"'{manifest}' or '{params.paths.cropped}' is missing; run `dvc repro {stage}` "
                         f"(or `python bench/prepare_data.py` where dvc is not installed) first")
